@@ -118,7 +118,6 @@ def main() -> None:
             "peak_gib": peak, "breakdown_ms": {k: statistics.median(v) for k, v in breakdown.items()}}
         print(json.dumps({"cuda_graph": graph, **rows["maskpro" + ("" if graph else "-eager")]}), flush=True)
         learner.finish(learner.final_masks())
-        del learner
     if a.naive_steps:
         if cuda:
             torch.cuda.empty_cache()

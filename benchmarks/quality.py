@@ -20,7 +20,7 @@ from benchmarks.env import RESULTS, environment, merge_json
 from maskpro.evaluate import evaluate_perplexity
 from maskpro.learner import LearnerConfig
 from maskpro import data
-from maskpro.models import find_linears, load_model
+from maskpro.models import load_model
 from maskpro.nm import NM
 from maskpro.oneshot import calibrated_prune
 from maskpro.pipeline import CalibConfig, PruneJob, run_prune
@@ -31,7 +31,6 @@ def job_for(name: str, a) -> PruneJob | None:
     if name == "dense":
         return None
     base, _, rest = name.partition("@")
-    recon = name.endswith("+recon")
     base = base.removesuffix("+recon")
     learn_on = "sparsegpt" if rest.startswith("sparsegpt") else "dense"
     # "+recon" is evaluated from the same learning run: first without, then with the OBS re-fit.

@@ -107,7 +107,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     from .artifacts import save_pruned
     from .learner import LearnerConfig
     from .models import load_model
-    from .pipeline import CalibConfig, PruneJob, method_label, run_prune
+    from .pipeline import CalibConfig, PruneJob, method_label, run_prune, validate_job
 
     device = _device(a.device)
     job = PruneJob(method=a.method, nm=a.nm, targets=a.targets,
@@ -116,8 +116,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
                    learner=LearnerConfig(nm=a.nm, steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale, batch_size=a.batch_size,
                                          ema=a.ema, seed=a.seed, checkpoint_every=a.checkpoint_every),
                    seq_len=a.seq_len, n_docs=a.n_docs, data_root=a.data_dir, calib_file=a.calib_file)
-    from .pipeline import _validate
-    nm = _validate(job)  # fail on bad input before loading anything
+    nm = validate_job(job)  # fail on bad input before loading anything
     model, tok = load_model(a.model, _dtype(a.dtype, device), device)
     workdir = Path(a.workdir) if a.workdir else Path(str(a.out).rstrip("/") + ".work")
     if a.restart and (workdir / "learner-state.safetensors").exists():

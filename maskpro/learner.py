@@ -311,7 +311,8 @@ class MaskProLearner:
         for i, (n, m) in enumerate(zip(self.names, self.modules)):
             a, b = self.offsets[i], self.offsets[i + 1]
             m.weight.data = (self.w0[a:b].view(self.shapes[i]) * masks[n].to(self.device)).clone()
-        self.w = self.w0 = self.theta = self.mask = None
+        self.w = self.w0 = self.theta = self.mask = self.noise = None
+        self._forward = None  # drops the CUDA graph and its memory pool
 
     def run(self, resume: bool = True, stop_after: int | None = None) -> LearnResult:
         """Run to ``config.steps`` (or ``stop_after`` steps, for tests), checkpointing atomically."""

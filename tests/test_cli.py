@@ -1,0 +1,72 @@
+"""The command line: one-line errors, and a real kill -9 of a learning run that resumes to the same result."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from maskpro.artifacts import load_masks
+from maskpro.checkpoint import load_tensors
+from maskpro.cli import main
+from maskpro.learner import CHECKPOINT
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["prune", "--method", "foo", "--out", "x"], "unknown method 'foo'"),
+    (["prune", "--nm", "4:4", "--out", "x"], "invalid sparsity 4:4"),
+    (["prune", "--nm", "2-4", "--out", "x"], "write it as N:M"),
+    (["prune", "--method", "maskpro", "--init", "nope", "--out", "x"], "unknown --init 'nope'"),
+    (["eval", "--model", "/nonexistent/model"], "not a local Hugging Face folder"),
+    (["check", "--model", "/nonexistent"], "not a maskpro output"),
+])
+def test_bad_input_is_one_line_with_exit_2(args, msg, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and err.count("\n") == 0 and err.startswith("maskpro: error:")
+
+
+def test_missing_data_and_indivisible_dims(tiny_model_dir, tmp_path, capsys):
+    assert main(["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--data-dir", str(tmp_path / "no"),
+                 "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert "data directory" in capsys.readouterr().err
+    assert main(["prune", "--model", str(tiny_model_dir), "--method", "magnitude", "--nm", "2:5",
+                 "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert "not divisible by M=5" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def _prune_cmd(model, out, steps=300):
+    return [sys.executable, "-m", "maskpro.cli", "prune", "--model", str(model), "--method", "maskpro",
+            "--init", "magnitude", "--steps", str(steps), "--checkpoint-every", "10", "--batch-size", "2",
+            "--seq-len", "16", "--n-docs", "8", "--lr", "300", "--scale", "3", "--out", str(out), "-q"]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path):
+    ref = tmp_path / "ref"
+    subprocess.run(_prune_cmd(tiny_model_dir, ref), check=True, timeout=600, capture_output=True)
+
+    out = tmp_path / "killed"
+    ckpt = tmp_path / "killed.work" / CHECKPOINT
+    proc = subprocess.Popen(_prune_cmd(tiny_model_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step, deadline = 0, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file():
+            try:
+                step = load_tensors(ckpt)[1]["step"]
+            except Exception:  # never a torn file (atomic rename), but be safe while polling
+                step = 0
+            if step >= 30:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; raise --steps"
+    assert 30 <= load_tensors(ckpt)[1]["step"] < 300 and not out.exists()
+
+    done = subprocess.run(_prune_cmd(tiny_model_dir, out), timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = load_masks(ref), load_masks(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
