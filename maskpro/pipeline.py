@@ -118,7 +118,7 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
     learner.finish(result.masks)
     info["learner"] = {**job.learner.fingerprint(), "steps": result.steps, "wall_s": result.wall_s,
                        "ms_per_step": result.ms_per_step, "learn_on": job.learn_on,
-                       "baseline_loss": result.baseline_loss,
+                       "baseline_loss": result.baseline_loss, "skipped_steps": result.skipped_steps,
                        "final_residual_ema": sum(result.residuals[-50:]) / max(1, len(result.residuals[-50:]))}
     changed = sum(int((result.masks[n] != prior.masks[n]).sum()) for n in layers)
     info["learner"]["changed_fraction"] = changed / sum(m.numel() for m in result.masks.values())
