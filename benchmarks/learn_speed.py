@@ -98,15 +98,14 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         cfg = LearnerConfig(steps=a.warmup + a.steps + 60, batch_size=a.batch_size, cuda_graph=graph)
         learner = MaskProLearner(model, layers, prior, batches, cfg, progress=False)
-        learner.compute_baselines()
-        learner._forward = learner._make_forward()
+        learner.prepare(resume=False)
         timed_steps(learner.train_step, a.warmup, cuda)
         t = timed_steps(learner.train_step, a.steps, cuda)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        ids = learner._batch(0)
+        ids = learner.batch(0)
         box = {}
         phases = {"sample": learner.sample_phase,
-                  "forward": lambda: box.__setitem__("loss", learner._forward(ids)),
+                  "forward": lambda: box.__setitem__("loss", learner.forward_loss(ids)),
                   "update": lambda: learner.update_phase(box["loss"])}
         breakdown = {k: [] for k in phases}
         for _ in range(min(a.steps, 50)):

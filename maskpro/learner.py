@@ -98,8 +98,7 @@ def _maybe_compiled(fn, enabled: bool):
             torch.cuda.synchronize()
             return out
         except Exception as exc:  # an old or broken triton/inductor: keep working, only slower
-            if isinstance(exc, torch.AcceleratorError if hasattr(torch, "AcceleratorError") else RuntimeError) \
-                    and "device-side assert" in str(exc):
+            if "device-side assert" in str(exc):  # a real fault, not a compiler problem
                 raise
             log.warning("torch.compile failed (%s); using eager kernels", str(exc).splitlines()[0][:200])
             state["fn"] = fn
@@ -158,7 +157,7 @@ class MaskProLearner:
             src = weights[n] if weights is not None and n in weights else m.weight.data
             self.w0[a:b].copy_(src.reshape(-1))
             pm = prior[n].to(dev).reshape(-1).bool()
-            if not torch.equal(pm.view(-1, self.nm.m).sum(1), torch.full_like(pm.view(-1, self.nm.m).sum(1), self.nm.n)):
+            if not bool((pm.view(-1, self.nm.m).sum(1) == self.nm.n).all()):
                 raise MaskproError(f"initial mask of {n} is not strict {self.nm}; build it with a one-shot method")
             self.mask[a:b].copy_(pm)
             m.weight.data = self.w[a:b].view(shapes[i])
@@ -209,7 +208,7 @@ class MaskProLearner:
             return out
         return replay
 
-    def _batch(self, b: int) -> torch.Tensor:
+    def batch(self, b: int) -> torch.Tensor:
         bs = self.cfg.batch_size
         return self.batches[b * bs:(b + 1) * bs]
 
@@ -226,7 +225,7 @@ class MaskProLearner:
         """Loss of every fixed minibatch under the initial mask (computed once, reused every epoch)."""
         self._set_weights(self.mask)
         for b in range(self.n_batches):
-            self.base[b] = self._loss(self._batch(b))
+            self.base[b] = self._loss(self.batch(b))
 
     @torch.no_grad()
     def sample_phase(self) -> None:
@@ -261,7 +260,7 @@ class MaskProLearner:
 
     def train_step(self) -> None:
         self.sample_phase()
-        loss = self._forward(self._batch(self.step % self.n_batches))
+        loss = self._forward(self.batch(self.step % self.n_batches))
         self.update_phase(loss)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -314,14 +313,21 @@ class MaskProLearner:
         self.w = self.w0 = self.theta = self.mask = self.noise = None
         self._forward = None  # drops the CUDA graph and its memory pool
 
-    def run(self, resume: bool = True, stop_after: int | None = None) -> LearnResult:
-        """Run to ``config.steps`` (or ``stop_after`` steps, for tests), checkpointing atomically."""
-        cfg = self.cfg
-        resumed = resume and self.try_resume()
-        if not resumed:
+    def prepare(self, resume: bool = True) -> None:
+        """Resume from the work directory, or compute the initial-mask losses; build the forward pass."""
+        if not (resume and self.try_resume()):
             self.compute_baselines()
             self.save_checkpoint()
         self._forward = self._forward or self._make_forward()
+
+    def forward_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """The (graph-replayed) loss of the current weights on one minibatch; call prepare() first."""
+        return self._forward(ids)
+
+    def run(self, resume: bool = True, stop_after: int | None = None) -> LearnResult:
+        """Run to ``config.steps`` (or ``stop_after`` steps, for tests), checkpointing atomically."""
+        cfg = self.cfg
+        self.prepare(resume)
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"maskpro {self.nm}", unit="step",
                    disable=not self.progress)

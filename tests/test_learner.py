@@ -59,8 +59,7 @@ def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
 
 def test_non_finite_loss_skips_the_update():
     learner, _ = _learner(steps=4)
-    learner.compute_baselines()
-    learner._forward = learner._make_forward()
+    learner.prepare(resume=False)
     learner.base[:] = float("inf")
     before = learner.theta.clone()
     for _ in range(2):
