@@ -105,7 +105,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     import torch
 
     from .artifacts import save_pruned
-    from .learner import LearnerConfig
+    from .learner import CHECKPOINT, LearnerConfig
     from .models import load_model
     from .pipeline import CalibConfig, PruneJob, method_label, run_prune, validate_job
 
@@ -119,8 +119,8 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     nm = validate_job(job)  # fail on bad input before loading anything
     model, tok = load_model(a.model, _dtype(a.dtype, device), device)
     workdir = Path(a.workdir) if a.workdir else Path(str(a.out).rstrip("/") + ".work")
-    if a.restart and (workdir / "learner-state.safetensors").exists():
-        (workdir / "learner-state.safetensors").unlink()
+    if a.restart:
+        (workdir / CHECKPOINT).unlink(missing_ok=True)
     torch.manual_seed(a.seed)
     outcome = run_prune(model, tok, job, workdir=workdir if a.method == "maskpro" else None,
                         progress=not a.quiet)
@@ -155,30 +155,10 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    from safetensors import safe_open
+    from .artifacts import check_saved
 
-    from .artifacts import read_metadata
-    from .nm import NM, check_weight
-
-    meta = read_metadata(a.model)
-    nm = NM(meta["n"], meta["m"])
-    files = sorted(Path(a.model).glob("*.safetensors"))
-    files = [f for f in files if f.name != "masks.safetensors"]
-    targets = set(meta["targets"])
-    seen = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():
-                name = key.removesuffix(".weight")
-                if name in targets:
-                    seen += 1
-                    bad = check_weight(fh.get_tensor(key), nm, name)
-                    if bad:
-                        raise MaskproError(f"{bad[0]} (more than N={nm.n} of M={nm.m}); "
-                                           f"{len(bad)} bad groups in this layer - re-run maskpro prune")
-    if seen != len(targets):
-        raise MaskproError(f"found {seen} of {len(targets)} target layers in {a.model}; the folder is incomplete")
-    print(f"ok: {seen} layers are {nm} sparse along the input dimension")
+    nm, n_layers = check_saved(a.model)
+    print(f"ok: {n_layers} layers are {nm} sparse along the input dimension")
     return 0
 
 
