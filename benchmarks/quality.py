@@ -38,7 +38,7 @@ def job_for(name: str, a) -> PruneJob | None:
                     init=a.init, learn_on=learn_on, reconstruct=False,
                     learner=LearnerConfig(nm=a.nm, steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale, batch_size=a.batch_size,
                                           seed=a.seed, checkpoint_every=10**9, log_every=100),
-                    seq_len=a.seq_len, n_docs=a.n_docs, data_root=a.data_dir)
+                    seq_len=a.seq_len, n_docs=a.n_docs, windows_per_doc=a.windows_per_doc, data_root=a.data_dir)
 
 
 def main() -> None:
@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--n-docs", type=int, default=512)
+    p.add_argument("--windows-per-doc", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ppl-seq-len", type=int, default=2048)
     p.add_argument("--zeroshot", default="all", help="'all', 'none' or a comma list")

@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale", type=float, default=10.0, help="initial logits = prior mask x scale")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--seq-len", type=int, default=128, help="tokens per learning sequence")
-    g.add_argument("--n-docs", type=int, default=512, help="C4 documents to learn from")
+    g.add_argument("--n-docs", type=int, default=512, help="C4 documents to learn from (0: all)")
+    g.add_argument("--windows-per-doc", type=int, default=1,
+                   help="up to this many --seq-len windows from each document (1: the paper's recipe)")
     g.add_argument("--ema", type=float, default=0.99, help="moving average of the loss residual")
     g.add_argument("--checkpoint-every", type=int, default=200)
     g.add_argument("--workdir", default=None, help="checkpoint folder (default: OUT.work); a rerun resumes from it")
@@ -115,7 +117,8 @@ def cmd_prune(a: argparse.Namespace) -> dict:
                    init=a.init, learn_on=a.learn_on, reconstruct=a.reconstruct,
                    learner=LearnerConfig(nm=a.nm, steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale, batch_size=a.batch_size,
                                          ema=a.ema, seed=a.seed, checkpoint_every=a.checkpoint_every),
-                   seq_len=a.seq_len, n_docs=a.n_docs, data_root=a.data_dir, calib_file=a.calib_file)
+                   seq_len=a.seq_len, n_docs=a.n_docs, windows_per_doc=a.windows_per_doc,
+                   data_root=a.data_dir, calib_file=a.calib_file)
     nm = validate_job(job)  # fail on bad input before loading anything
     model, tok = load_model(a.model, _dtype(a.dtype, device), device)
     workdir = Path(a.workdir) if a.workdir else Path(str(a.out).rstrip("/") + ".work")

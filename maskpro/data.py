@@ -119,20 +119,33 @@ def calibration_windows(tokenizer, n_samples: int = 128, seq_len: int = 2048, se
 
 
 def learning_batches(tokenizer, n_docs: int = 512, seq_len: int = 128,
-                     root: str | os.PathLike | None = None, path: str | os.PathLike | None = None) -> torch.Tensor:
+                     root: str | os.PathLike | None = None, path: str | os.PathLike | None = None,
+                     windows_per_doc: int = 1, seed: int = 0) -> torch.Tensor:
     """MaskPro's training set: the first ``n_docs`` C4 documents longer than ``seq_len`` tokens, truncated.
 
-    Returns (n_docs, seq_len); the learner walks it in fixed minibatches so every minibatch's loss under
+    ``windows_per_doc=1`` is the official recipe. Larger values cut up to that many consecutive
+    ``seq_len`` windows from each document (rows shuffled with ``seed``), so a long run sees more text
+    instead of cycling over 512 short rows; ``n_docs=0`` takes every calibration document.
+    Returns (rows, seq_len); the learner walks it in fixed minibatches so every minibatch's loss under
     the initial mask can be computed once and reused.
     """
-    rows = []
+    if windows_per_doc < 1:
+        raise MaskproError(f"--windows-per-doc must be at least 1, got {windows_per_doc}")
+    rows, used = [], 0
     for doc in c4_documents_split(root, path):
         ids = tokenizer(doc, return_tensors="pt").input_ids[0]
         if ids.numel() > seq_len:
-            rows.append(ids[:seq_len])
-            if len(rows) == n_docs:
+            k = min(windows_per_doc, ids.numel() // seq_len)
+            rows += [ids[i * seq_len:(i + 1) * seq_len] for i in range(k)]
+            used += 1
+            if used == n_docs:
                 break
-    if len(rows) < n_docs:
-        raise MaskproError(f"only {len(rows)} calibration documents are longer than {seq_len} tokens, "
+    if used < n_docs:
+        raise MaskproError(f"only {used} calibration documents are longer than {seq_len} tokens, "
                            f"{n_docs} asked; lower --n-docs or --seq-len, or pass a bigger file")
-    return torch.stack(rows)
+    if not rows:
+        raise MaskproError(f"no calibration document is longer than {seq_len} tokens; lower --seq-len")
+    out = torch.stack(rows)
+    if windows_per_doc > 1:
+        out = out[torch.randperm(len(out), generator=torch.Generator().manual_seed(seed))]
+    return out

@@ -50,7 +50,8 @@ class PruneJob:
     reconstruct: bool = False        # OBS re-fit of the kept weights after learning
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     seq_len: int = 128               # learner minibatch rows: the first n_docs C4 docs longer than this
-    n_docs: int = 512
+    n_docs: int = 512                # 0: every calibration document
+    windows_per_doc: int = 1         # >1: more 128-token rows per document (more data, less cycling)
     data_root: str | None = None
     calib_file: str | None = None
 
@@ -110,8 +111,10 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
         source = dense
     for n, m in layers.items():  # the learner masks its source weights itself
         m.weight.data = source[n]
-    batches = data.learning_batches(tokenizer, job.n_docs, job.seq_len, job.data_root, job.calib_file)
-    info["learning_data"] = {"dataset": "c4", "n_docs": job.n_docs, "seq_len": job.seq_len}
+    batches = data.learning_batches(tokenizer, job.n_docs, job.seq_len, job.data_root, job.calib_file,
+                                    job.windows_per_doc, job.learner.seed)
+    info["learning_data"] = {"dataset": "c4", "n_docs": job.n_docs, "seq_len": job.seq_len,
+                             "windows_per_doc": job.windows_per_doc, "rows": int(batches.shape[0])}
     learner = MaskProLearner(model, layers, prior.masks, batches, job.learner, workdir, weights=source,
                              progress=progress)
     result = learner.run(resume=resume)
