@@ -53,7 +53,26 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, masks: dict[str, t
             tokenizer.save_pretrained(tmp)
         save_tensors(packed, tmp / MASKS, {"shapes": meta["shapes"]})
         save_json(meta, tmp / METADATA)
+        _write_weight_index(tmp)
     return out_dir
+
+
+def _write_weight_index(folder: Path) -> None:
+    """List the weight files in ``model.safetensors.index.json`` when transformers wrote a single file.
+
+    vLLM loads every ``*.safetensors`` of a folder that has no index, and would take ``masks.safetensors``
+    for weights; the index tells it (and any loader) which files hold the model.
+    """
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.exists() or not single.is_file():
+        return
+    with safe_open(str(single), framework="pt") as fh:
+        keys = list(fh.keys())
+    save_json({"metadata": {"total_size": single.stat().st_size}, "weight_map": {k: single.name for k in keys}},
+              index)
 
 
 def read_metadata(folder: str | os.PathLike) -> dict:

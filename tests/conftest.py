@@ -54,3 +54,50 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     model.save_pretrained(out)
     smollm2_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pruned(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny Llama pruned 2:4 by magnitude and saved as a maskpro folder (what exports consume)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from maskpro.artifacts import save_pruned
+    from maskpro.nm import NM
+    from maskpro.oneshot import magnitude_prune
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    masks = magnitude_prune(model, NM(2, 4)).masks
+    out = tmp_path_factory.mktemp("tiny-pruned") / "model"
+    return save_pruned(model, AutoTokenizer.from_pretrained(str(tiny_model_dir)), out, masks, NM(2, 4), "magnitude")
+
+
+@pytest.fixture(scope="session")
+def smollm2_pruned(tmp_path_factory, smollm2_path) -> Path:
+    """SmolLM2 pruned 2:4 by the MaskPro learner (a few steps from Wanda), through the CLI."""
+    from maskpro.cli import main
+
+    out = tmp_path_factory.mktemp("e2e") / "smollm2-2of4"
+    rc = main(["prune", "--model", str(smollm2_path), "--method", "maskpro", "--init", "wanda", "--calib-samples",
+               "2", "--calib-seq-len", "128", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--n-docs", "4",
+               "--out", str(out), "-q"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture
+def break_pattern(tmp_path):
+    """Copy a maskpro folder and give one group of one layer 4 non-zeros; returns (copy, layer, row)."""
+    from safetensors.torch import load_file, save_file
+
+    def make(folder: Path, layer: str = "model.layers.1.mlp.down_proj", row: int = 3) -> tuple[Path, str, int]:
+        broken = tmp_path / f"broken-{folder.name}"
+        broken.mkdir()
+        for f in folder.iterdir():
+            (broken / f.name).write_bytes(f.read_bytes())
+        tensors = load_file(str(broken / "model.safetensors"))
+        w = tensors[f"{layer}.weight"]
+        w[row, :4] = 0.5  # group 0 of this row now holds 4 non-zeros
+        save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+        return broken, layer, row
+
+    return make

@@ -16,13 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pruned(tmp_path_factory, smollm2_path):
-    out = tmp_path_factory.mktemp("e2e") / "smollm2-2of4"
-    rc = main(["prune", "--model", str(smollm2_path), "--method", "maskpro", "--init", "wanda", "--calib-samples",
-               "2", "--calib-seq-len", "128", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--n-docs", "4",
-               "--out", str(out), "-q"])
-    assert rc == 0
-    return out
+def pruned(smollm2_pruned):
+    return smollm2_pruned
 
 
 def test_saved_folder_reloads_with_plain_transformers_and_matches_masks(pruned):
