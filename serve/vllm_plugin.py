@@ -1,0 +1,601 @@
+"""vLLM plugin: serve maskpro 2:4 checkpoints through maskpro's own 2:4 kernels.
+
+UNVERIFIED: written against vLLM 0.33.0 (the newest on PyPI) and never run inside a vLLM server. What was
+checked, on a CPU machine: the vLLM-independent parts below with real maskpro folders, and the vLLM glue
+against the Python source of the 0.33.0 wheel put on PYTHONPATH (no ``vllm._C``, no GPU, no engine):
+registration, vLLM's ``get_quant_config`` finding the config both ways, real ``QKVParallelLinear`` /
+``MergedColumnParallelLinear`` / ``RowParallelLinear`` layers loading, compressing (with stand-in reference
+kernels) and matching the dense output, the tensor-parallel fallback, pickling. Serve a model once on a
+CUDA GPU with vLLM before relying on it (the API may also differ in other vLLM releases).
+
+Why a plugin: vLLM 0.19.0 and later dropped 2:4 compressed-tensors (vllm PR 36799), so the dense checkpoint
+written by ``maskpro-export --engine vllm`` (``maskpro.export.vllm``) runs on dense kernels. This plugin
+registers a quantization method ``"maskpro"`` whose linear method loads the same dense weights, then
+compresses every maskpro target to (values, meta) with ``maskpro.serve.sparse_linear.compress_24`` and
+runs it with ``sparse_linear``. Nothing in the checkpoint changes.
+
+Enable it
+    ``pip install maskpro`` registers the entry point (group ``vllm.general_plugins``, name ``maskpro``,
+    value ``maskpro.serve.vllm_plugin:register``); vLLM calls ``register()`` in every process it starts.
+    Then ``vllm serve runs/smollm2-vllm --quantization maskpro``. vLLM reads the target list from
+    ``maskpro.json`` (our ``get_config_filenames``). Or, without the flag,
+    ``--hf-overrides '{"quantization_config": {"quant_method": "maskpro"}}'``; the targets then come from
+    ``maskpro.json`` via ``maybe_update_config``.
+    There is no automatic selection: vLLM calls ``override_quantization_method`` only when the HF config
+    already has a ``quantization_config`` (``ModelConfig._verify_quantization``), and the maskpro
+    checkpoint has none on purpose (transformers and plugin-less vLLM must still load it).
+    ``MASKPRO_VLLM_DENSE=1`` keeps every layer dense (A/B timing, debugging).
+
+vLLM API used (paths in the 0.33.0 wheel, ``vllm/...``)
+    * ``plugins/__init__.py``: ``load_general_plugins()`` loads group ``"vllm.general_plugins"`` in every
+      process (engine args, engine core, workers) and calls each entry point with no arguments; filter
+      by name with ``VLLM_PLUGINS``. ``register()`` must be re-entrant (documented: design/plugin_system).
+    * ``model_executor/layers/quantization/__init__.py``: ``register_quantization_config(name)`` class
+      decorator (adds the name to ``QUANTIZATION_METHODS`` and the platform's ``supported_quantization``;
+      the class must subclass ``QuantizationConfig``); ``get_quantization_config(name)``.
+    * ``model_executor/layers/quantization/base_config.py``: ``QuantizationConfig`` with abstract
+      ``get_name()``, ``get_supported_act_dtypes()``, classmethod ``get_min_capability()``, staticmethod
+      ``get_config_filenames()``, classmethod ``from_config(config)``, ``get_quant_method(layer, prefix)``;
+      optional classmethod ``override_quantization_method(hf_quant_cfg, user_quant, hf_config=None)``,
+      ``apply_vllm_mapper(hf_to_vllm_mapper)``, ``maybe_update_config(model_name, hf_config, revision)``;
+      attribute ``packed_modules_mapping`` (filled from the model class, e.g. Llama's ``qkv_proj`` ->
+      ``q/k/v_proj``, ``gate_up_proj`` -> ``gate/up_proj``).
+    * ``model_executor/layers/linear.py``: ``LinearMethodBase.create_weights(layer,
+      input_size_per_partition, output_partition_sizes, input_size, output_size, params_dtype,
+      **extra_weight_attrs)``, ``apply(layer, x, bias=None)``, ``process_weights_after_loading(layer)``
+      (from ``QuantizeMethodBase``); ``LinearBase.__init__`` raises if ``get_quant_method`` returns None for
+      a linear layer, so non-targets get ``UnquantizedLinearMethod``; the layer picks ``weight_loader_v2``
+      only for class names in ``WEIGHT_LOADER_V2_SUPPORTED`` (``register_weight_loader_v2_supported_method``).
+      ``RowParallelLinear`` shards K as ``divide(input_size, tp_size)``.
+    * ``model_executor/model_loader/weight_utils.py``: ``get_quant_config`` uses the HF config's
+      ``quantization_config`` if present, else globs ``*.json`` in the model folder for names ending in
+      ``get_config_filenames()`` and passes that file's JSON to ``from_config``.
+    * ``config/vllm.py``: ``_get_quantization_config`` checks ``get_min_capability`` (CUDA/ROCm only) and
+      that the model dtype is in ``get_supported_act_dtypes``, then calls ``maybe_update_config``.
+    * ``config/model.py``: ``_verify_quantization`` (override hooks only when a quantization_config exists).
+    * ``model_executor/layers/vocab_parallel_embedding.py``, ``attention/attention.py``,
+      ``fused_moe/routed_experts.py`` also call ``get_quant_method``; we return None there (embeddings,
+      lm_head, attention and MoE experts stay vLLM's unquantized methods).
+
+Per layer: a linear runs 2:4 only if every checkpoint module it holds (all shards of a fused qkv/gate_up)
+is a maskpro target, its K shard is a multiple of 4 (row-parallel K splits must not cut 2:4 groups), the
+weight is on a CUDA device, the loaded weight really is 2:4, and ``compress_24`` accepts it. Anything else
+runs vLLM's dense path, with the reason logged once. The kernel call is a torch custom op
+(``maskpro_vllm::sparse_linear_24``) so torch.compile treats it as opaque and ``sparse_linear`` keeps
+choosing its kernel per token count at run time (vLLM drops shape guards, so a traced branch would stick).
+Not handled: LoRA on sparse layers (LoRA reads ``base_layer.weight``, removed after compression); CPU weight
+offloading (the compressed tensors stay on the GPU). ``sparse_linear`` must not synchronize or time kernels
+while a CUDA graph is being captured (vLLM captures one graph per batch size; eager mode:
+``--enforce-eager``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from maskpro.artifacts import METADATA
+from maskpro.errors import MaskproError
+
+# A child of vLLM's "vllm" logger, so lines reach vLLM's handler (it does not propagate to the root logger).
+log = logging.getLogger("vllm.plugins.maskpro")
+
+METHOD = "maskpro"                 # the --quantization name and quant_method this plugin registers
+VLLM_VERSION = "0.33.0"            # the vLLM whose source this was written against
+CONFIG_KEY = "maskpro"             # the block maskpro-export writes into config.json
+DENSE_ENV = "MASKPRO_VLLM_DENSE"   # "1" keeps every layer dense
+OP_NAME = "maskpro_vllm::sparse_linear_24"
+MIN_CAPABILITY = 80                # Ampere: first GPUs with 2:4 sparse tensor cores
+NOT_TARGET = "not a maskpro target"
+GROUP = 4                          # the kernels' M: K shards must hold whole groups of 4
+# vLLM's fusions for Llama-family models; used when the model class gives vLLM no packed_modules_mapping.
+DEFAULT_PACKED: dict[str, list[str]] = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                                        "gate_up_proj": ["gate_proj", "up_proj"]}
+# Names of row-parallel linears (K sharded under tensor parallelism) in Llama-family HF models; only
+# checkpoint_plan uses this, to preview TP fallbacks without vLLM (vLLM itself passes the real shard sizes).
+ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "dense", "fc2", "c_proj", "w2", "wo", "dense_4h_to_h")
+
+__all__ = ["MaskproMeta", "LayerPlan", "read_maskpro_metadata", "meta_from_dict", "config_block",
+           "claims_quant_config", "fits_24", "hf_module_names", "target_plan", "shard_plan", "check_24",
+           "decide_sparse", "checkpoint_plan", "compress_weight", "sparse_linear_24", "register",
+           "vllm_classes"]
+
+
+# ------------------------------------------------------------------------------------------ metadata
+
+@dataclass(frozen=True)
+class MaskproMeta:
+    """What the plugin needs from ``maskpro.json``: the pattern and the HF names of the pruned linears."""
+
+    n: int
+    m: int
+    targets: tuple[str, ...]
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False)
+    method: str | None = None
+
+    @property
+    def fits_24(self) -> bool:
+        return fits_24(self.n, self.m)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Whether one vLLM linear runs on the 2:4 kernels, and if not, why (logged)."""
+
+    sparse: bool
+    reason: str = ""
+
+
+def fits_24(n: int, m: int) -> bool:
+    """True if every N:M weight is also 2:4, i.e. no aligned group of 4 along K can hold 3+ non-zeros."""
+    if n < 0 or m < 1 or n > m:
+        return False
+    if GROUP % m == 0:            # m in {1, 2, 4}: a group of 4 holds 4/m whole N:M groups
+        return n * (GROUP // m) <= 2
+    if m % GROUP == 0:            # m = 8, 12, ...: a group of 4 lies inside one N:M group
+        return n <= 2
+    return n == 0                 # other m: groups straddle, nothing bounds a group of 4
+
+
+def meta_from_dict(d: Mapping[str, Any], source: str = "config") -> MaskproMeta | None:
+    """Parse ``maskpro.json`` contents (or a quantization_config that carries ``targets``).
+
+    Returns None for a dict that names maskpro but lists no targets (``{"quant_method": "maskpro"}``, the
+    config.json block): the caller then reads ``maskpro.json`` from the model folder.
+    """
+    if not isinstance(d, Mapping):
+        raise MaskproError(f"{source} is a {type(d).__name__}, not a JSON object; pass maskpro.json's contents")
+    if "targets" not in d:
+        return None
+    try:
+        n, m = int(d["n"]), int(d["m"])
+    except (KeyError, TypeError, ValueError):
+        raise MaskproError(f"{source} has targets but no integer n and m; re-export with maskpro-export") from None
+    targets = d["targets"]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise MaskproError(f"{source} has no list of target layer names; re-export with maskpro-export")
+    shapes = {k: tuple(int(x) for x in v) for k, v in (d.get("shapes") or {}).items()}
+    return MaskproMeta(n=n, m=m, targets=tuple(targets), shapes=shapes, method=d.get("method"))
+
+
+def config_block(config: Mapping[str, Any] | Any) -> dict | None:
+    """The ``"maskpro"`` block of a config.json dict or HF config object, or None."""
+    block = config.get(CONFIG_KEY) if isinstance(config, Mapping) else getattr(config, CONFIG_KEY, None)
+    return dict(block) if isinstance(block, Mapping) else None
+
+
+def read_maskpro_metadata(source: str | os.PathLike | Mapping[str, Any]) -> MaskproMeta:
+    """Metadata from a maskpro folder (``maskpro.json``, cross-checked with config.json) or a dict.
+
+    Raises a one-line MaskproError when the source is not a maskpro checkpoint or lists no targets.
+    """
+    if isinstance(source, Mapping):
+        meta = meta_from_dict(source)
+        if meta is None:
+            hint = " (that is config.json's summary block)" if config_block(source) is not None else ""
+            raise MaskproError(f"this config lists no maskpro targets{hint}; read the folder's {METADATA} instead")
+        return meta
+    folder = Path(source)
+    if not folder.is_dir():
+        raise MaskproError(f"{folder} is not a local folder; pass a folder written by maskpro-export --engine vllm")
+    path = folder / METADATA
+    if not path.is_file():
+        raise MaskproError(f"{folder} has no {METADATA}; it is not a maskpro checkpoint "
+                           "(write one with maskpro prune, then maskpro-export --engine vllm)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MaskproError(f"cannot read {path} ({str(e).splitlines()[0]}); export the model again") from None
+    meta = meta_from_dict(data, str(path))
+    if meta is None:
+        raise MaskproError(f"{path} lists no targets; export the model again")
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        try:
+            block = config_block(json.loads(config_path.read_text()))
+        except ValueError:
+            block = None
+        if block is not None:
+            _cross_check(block, meta, folder)
+    return meta
+
+
+def _cross_check(block: Mapping[str, Any], meta: MaskproMeta, folder: Path | str) -> None:
+    """config.json's block and maskpro.json must describe the same pruning (else one was edited or copied)."""
+    if (block.get("n"), block.get("m")) != (meta.n, meta.m):
+        raise MaskproError(f"{folder}: config.json says {block.get('n')}:{block.get('m')} but {METADATA} says "
+                           f"{meta.n}:{meta.m}; export the model again")
+    count = block.get("num_targets")
+    if count is not None and int(count) != len(meta.targets):
+        raise MaskproError(f"{folder}: config.json counts {count} targets but {METADATA} lists "
+                           f"{len(meta.targets)}; export the model again")
+
+
+def claims_quant_config(hf_quant_cfg: Any) -> bool:
+    """True for a quantization_config whose quant_method is "maskpro" (what our override hook answers)."""
+    return isinstance(hf_quant_cfg, Mapping) and str(hf_quant_cfg.get("quant_method", "")).lower() == METHOD
+
+
+def _metadata_for_model(model: str, revision: str | None, hf_config: Any = None) -> MaskproMeta:
+    """maskpro.json of a local folder or a Hugging Face repo (the hf-overrides path has no other source)."""
+    if os.path.isdir(model):
+        meta = read_maskpro_metadata(model)
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(repo_id=model, filename=METADATA, revision=revision)
+        except Exception as e:  # network, auth, missing file: all mean "no metadata here"
+            raise MaskproError(f"cannot fetch {METADATA} for {model} ({type(e).__name__}); pass a local "
+                               "folder written by maskpro-export --engine vllm") from None
+        meta = read_maskpro_metadata(Path(path).parent)
+    block = config_block(hf_config) if hf_config is not None else None
+    if block is not None:
+        _cross_check(block, meta, model)
+    return meta
+
+
+# ------------------------------------------------------------------------------------ per-layer plans
+
+def hf_module_names(prefix: str, packed: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """The checkpoint module names behind a vLLM layer prefix: itself, or the shards of a fused layer."""
+    packed = packed or DEFAULT_PACKED
+    parent, _, leaf = prefix.rpartition(".")
+    if leaf in packed:
+        return [f"{parent}.{shard}" if parent else shard for shard in packed[leaf]]
+    return [prefix]
+
+
+def target_plan(prefix: str, targets: Sequence[str] | frozenset[str],
+                packed: Mapping[str, Sequence[str]] | None = None) -> LayerPlan:
+    """Sparse only if every module the layer holds is a target; a partly pruned fused layer is not 2:4."""
+    targets = targets if isinstance(targets, (set, frozenset)) else frozenset(targets)
+    if prefix in targets:  # stored fused on disk under the vLLM name (e.g. Phi-3's qkv_proj)
+        return LayerPlan(True)
+    names = hf_module_names(prefix, packed)
+    hit = [n for n in names if n in targets]
+    if len(hit) == len(names):
+        return LayerPlan(True)
+    if not hit:
+        return LayerPlan(False, NOT_TARGET)
+    missing = ", ".join(n.rpartition(".")[2] for n in names if n not in targets)
+    return LayerPlan(False, f"fused layer with un-pruned shards ({missing}); its weight is not 2:4")
+
+
+def shard_plan(input_size_per_partition: int, output_partition_sizes: Sequence[int],
+               input_size: int | None = None) -> LayerPlan:
+    """A rank's shard keeps whole 2:4 groups only if its K is a multiple of 4 (row-parallel splits K)."""
+    k = int(input_size_per_partition)
+    total = int(input_size) if input_size is not None else k
+    if k <= 0 or any(int(o) <= 0 for o in output_partition_sizes):
+        return LayerPlan(False, f"empty shard (K={k}, outputs={list(output_partition_sizes)})")
+    if total % GROUP:
+        return LayerPlan(False, f"K={total} is not a multiple of {GROUP}")
+    if k % GROUP:
+        return LayerPlan(False, f"tensor-parallel K shard {k} of {total} is not a multiple of {GROUP}; "
+                                "2:4 groups would straddle ranks (use a tensor-parallel size that keeps it)")
+    return LayerPlan(True)
+
+
+def check_24(weight: Tensor, name: str = "weight") -> str | None:
+    """None if every aligned group of 4 along K has at most 2 non-zeros, else why not (one line)."""
+    if weight.dim() != 2:
+        return f"{name} is {weight.dim()}-D, not a 2-D linear weight"
+    if weight.shape[1] % GROUP:
+        return f"{name} has K={weight.shape[1]}, not a multiple of {GROUP}"
+    counts = (weight != 0).reshape(-1, GROUP).sum(dim=1)
+    bad = int((counts > 2).sum())
+    if bad:
+        return f"{name} has {bad} groups of 4 with more than 2 non-zeros; the loaded weight is not 2:4"
+    return None
+
+
+def _force_dense() -> bool:
+    return os.environ.get(DENSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def decide_sparse(weight: Tensor, plan: LayerPlan, name: str = "weight", *, allow_cpu: bool = False) -> LayerPlan:
+    """Final per-layer decision after loading: the static plan, the device, then the real weight's pattern."""
+    if _force_dense():
+        return LayerPlan(False, f"{DENSE_ENV} is set")
+    if not plan.sparse:
+        return plan
+    if weight.device.type != "cuda" and not allow_cpu:
+        return LayerPlan(False, f"weight is on {weight.device.type}; maskpro's 2:4 kernels need CUDA "
+                                "(on CPU they would only decompress)")
+    bad = check_24(weight, name)
+    if bad:
+        return LayerPlan(False, bad)
+    return LayerPlan(True)
+
+
+def checkpoint_plan(source: str | os.PathLike | Mapping[str, Any] | MaskproMeta, tp_size: int = 1,
+                    packed: Mapping[str, Sequence[str]] | None = None) -> dict[str, LayerPlan]:
+    """Preview, without vLLM, which fused vLLM layers of a maskpro checkpoint would run 2:4 at a TP size.
+
+    Keys are vLLM prefixes (``...self_attn.qkv_proj``). Row-parallel layers are recognised by name
+    (``ROW_PARALLEL``, Llama-family naming); vLLM itself passes the real shard sizes at load time.
+    """
+    if tp_size < 1:
+        raise MaskproError(f"tensor-parallel size {tp_size} must be at least 1")
+    meta = source if isinstance(source, MaskproMeta) else read_maskpro_metadata(source)
+    packed = packed or DEFAULT_PACKED
+    fused_of = {shard: fused for fused, shards in packed.items() for shard in shards}
+    plans: dict[str, LayerPlan] = {}
+    for name in meta.targets:
+        parent, _, leaf = name.rpartition(".")
+        prefix = f"{parent}.{fused_of[leaf]}" if leaf in fused_of and parent else name
+        if prefix in plans:
+            continue
+        plan = target_plan(prefix, meta.targets, packed)
+        shape = meta.shapes.get(name)
+        if plan.sparse and shape is not None:
+            k = shape[1]
+            row = prefix.rpartition(".")[2] in ROW_PARALLEL
+            if row and k % tp_size:
+                plan = LayerPlan(False, f"K={k} does not split over tensor-parallel size {tp_size}")
+            else:
+                plan = shard_plan(k // tp_size if row else k, [shape[0]], k)
+        plans[prefix] = plan
+    return plans
+
+
+# ------------------------------------------------------------------------------------------- kernels
+
+def _kernels() -> tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., Tensor]]:
+    """maskpro's (compress_24, sparse_linear), imported late: the plugin must import without them."""
+    try:
+        from maskpro.serve import sparse_linear as kernels
+    except ImportError as e:
+        raise MaskproError(f"maskpro.serve.sparse_linear does not import ({str(e).splitlines()[0]}); "
+                           "reinstall maskpro") from None
+    compress, linear = getattr(kernels, "compress_24", None), getattr(kernels, "sparse_linear", None)
+    if compress is None or linear is None:
+        raise MaskproError("maskpro.serve.sparse_linear has no compress_24/sparse_linear; "
+                           "install a maskpro release with the 2:4 kernels")
+    return compress, linear
+
+
+def compress_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(values, meta) for a dense 2:4 weight, through maskpro's ``compress_24``."""
+    compress, _ = _kernels()
+    values, meta = compress(weight)
+    out, k = weight.shape
+    if tuple(values.shape) != (out, k // 2):
+        raise MaskproError(f"compress_24 returned values of shape {tuple(values.shape)}, expected {(out, k // 2)}")
+    return values, meta
+
+
+_OP: Any = None
+
+
+def _register_op() -> Any:
+    """Register the custom op once per process; opaque to torch.compile, which vLLM runs by default."""
+    global _OP
+    if _OP is not None:
+        return _OP
+
+    def impl(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], out_features: int,
+             in_features: int) -> Tensor:
+        _, linear = _kernels()
+        return linear(x, values, meta, bias, out_features, in_features)
+
+    op = torch.library.custom_op(OP_NAME, impl, mutates_args=())
+
+    @op.register_fake
+    def _fake(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], out_features: int,
+              in_features: int) -> Tensor:
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    _OP = op
+    return op
+
+
+def sparse_linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, out_features: int,
+                     in_features: int) -> Tensor:
+    """``x @ W.T + bias`` for a compressed 2:4 ``W`` through the custom op (and so through ``sparse_linear``)."""
+    if x.shape[-1] != in_features:
+        raise MaskproError(f"input has {x.shape[-1]} features, the layer expects {in_features}")
+    return _register_op()(x, values, meta, bias, int(out_features), int(in_features))
+
+
+# ---------------------------------------------------------------------------------------- vLLM glue
+
+def _require_vllm() -> None:
+    try:
+        import vllm.model_executor.layers.linear  # noqa: F401
+        import vllm.model_executor.layers.quantization  # noqa: F401
+    except ImportError as e:
+        raise MaskproError(f"the maskpro vLLM plugin needs vLLM ({str(e).splitlines()[0]}); "
+                           f"run: pip install vllm=={VLLM_VERSION}") from None
+
+
+_CLASSES: tuple[type, type] | None = None
+_REGISTERED = False
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _log_once(prefix: str, plan: LayerPlan, level: int = logging.INFO) -> None:
+    """One line per (layer kind, reason): a 32-layer model would otherwise log each fallback 32 times."""
+    kind = re.sub(r"\.\d+\.", ".N.", prefix)
+    key = (kind, re.sub(r"\d+", "N", plan.reason))
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    log.log(level, "maskpro: %s runs dense: %s", kind, plan.reason)
+
+
+def vllm_classes() -> tuple[type, type]:
+    """(MaskproVllmConfig, MaskproLinearMethod), built on first use because their bases live in vLLM."""
+    global _CLASSES
+    if _CLASSES is not None:
+        return _CLASSES
+    _require_vllm()
+    from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+    class MaskproLinearMethod(LinearMethodBase):
+        """Loads the dense weight like vLLM's unquantized method, then swaps it for 2:4 values + meta."""
+
+        def __init__(self, quant_config: "MaskproVllmConfig", prefix: str) -> None:
+            self.quant_config = quant_config
+            self.prefix = prefix
+            self.dense = UnquantizedLinearMethod()  # same parameters, loader and fallback kernels as vLLM
+
+        def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                           output_partition_sizes: list[int], input_size: int, output_size: int,
+                           params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
+            self.dense.create_weights(layer, input_size_per_partition, output_partition_sizes, input_size,
+                                      output_size, params_dtype, **extra_weight_attrs)
+            layer.maskpro_plan = shard_plan(input_size_per_partition, output_partition_sizes, input_size)
+            layer.maskpro_shape = (int(sum(output_partition_sizes)), int(input_size_per_partition))
+            layer.maskpro_sparse = False
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            weight = layer.weight.data
+            plan = decide_sparse(weight, layer.maskpro_plan, self.prefix)
+            if plan.sparse:
+                try:
+                    _register_op()
+                    values, meta = compress_weight(weight)
+                except Exception as e:  # a shape or dtype the kernels refuse: serve it dense instead
+                    plan = LayerPlan(False, f"compress_24 refused it ({type(e).__name__}: "
+                                            f"{str(e).splitlines()[0] if str(e) else ''})")
+            self.quant_config.decisions[self.prefix] = plan
+            if not plan.sparse:
+                _log_once(self.prefix, plan)
+                self.dense.process_weights_after_loading(layer)
+                return
+            delattr(layer, "weight")  # the dense copy is what 2:4 saves; apply() never reads it
+            layer.register_parameter("maskpro_values", torch.nn.Parameter(values, requires_grad=False))
+            layer.register_parameter("maskpro_meta", torch.nn.Parameter(meta, requires_grad=False))
+            layer.maskpro_sparse = True
+
+        def apply(self, layer: torch.nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
+            if layer.maskpro_sparse:
+                out, k = layer.maskpro_shape
+                return sparse_linear_24(x, layer.maskpro_values, layer.maskpro_meta, bias, out, k)
+            return self.dense.apply(layer, x, bias)
+
+    class MaskproVllmConfig(QuantizationConfig):
+        """The "maskpro" quantization method: which linears are 2:4 targets (from maskpro.json)."""
+
+        def __init__(self, meta: MaskproMeta | None = None) -> None:
+            super().__init__()
+            self.meta = meta
+            self.targets: frozenset[str] = frozenset(meta.targets) if meta else frozenset()
+            self.decisions: dict[str, LayerPlan] = {}
+
+        def __repr__(self) -> str:
+            pattern = f"{self.meta.n}:{self.meta.m}" if self.meta else "?"
+            return f"MaskproVllmConfig(pattern={pattern}, targets={len(self.targets)})"
+
+        def get_name(self) -> str:
+            return METHOD
+
+        def get_supported_act_dtypes(self) -> list[torch.dtype]:
+            # fp32 too: the plugin must not refuse a model whose layers would simply fall back to dense.
+            return [torch.float16, torch.bfloat16, torch.float32]
+
+        @classmethod
+        def get_min_capability(cls) -> int:
+            return MIN_CAPABILITY
+
+        @staticmethod
+        def get_config_filenames() -> list[str]:
+            return [METADATA]
+
+        @classmethod
+        def from_config(cls, config: dict[str, Any]) -> "MaskproVllmConfig":
+            meta = meta_from_dict(config, METADATA)
+            if meta is not None and not meta.fits_24:
+                raise MaskproError(f"this checkpoint is {meta.n}:{meta.m} sparse, which is not 2:4; serve it "
+                                   "without --quantization maskpro (dense)")
+            return cls(meta)
+
+        @classmethod
+        def override_quantization_method(cls, hf_quant_cfg: dict[str, Any], user_quant: str | None,
+                                         hf_config: Any = None) -> str | None:
+            # vLLM asks every registered method, custom ones first, for any quantized checkpoint: stay cheap.
+            return METHOD if claims_quant_config(hf_quant_cfg) else None
+
+        def maybe_update_config(self, model_name: str, hf_config: Any = None, revision: str | None = None) -> None:
+            if self.meta is None:  # hf-overrides path: quantization_config had no targets
+                meta = _metadata_for_model(model_name, revision, hf_config)
+                if not meta.fits_24:
+                    raise MaskproError(f"{model_name} is {meta.n}:{meta.m} sparse, which is not 2:4; serve it "
+                                       "without the maskpro quantization")
+                self.meta, self.targets = meta, frozenset(meta.targets)
+            elif hf_config is not None and config_block(hf_config) is not None:
+                _cross_check(config_block(hf_config), self.meta, model_name)
+
+        def apply_vllm_mapper(self, hf_to_vllm_mapper: Any) -> None:
+            # Models that rename HF modules (e.g. a language_model. prefix) map our HF target names too.
+            if self.targets:
+                self.targets = frozenset(hf_to_vllm_mapper.apply_list(sorted(self.targets)))
+
+        def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> Any:
+            if not isinstance(layer, LinearBase):
+                return None  # embeddings, lm_head, attention, MoE experts: vLLM's own methods
+            if self.meta is None:
+                raise MaskproError(f"no maskpro targets known for layer {prefix}; pass a folder with {METADATA}")
+            plan = target_plan(prefix, self.targets, self.packed_modules_mapping or None)
+            if not plan.sparse:
+                self.decisions[prefix] = plan
+                if plan.reason != NOT_TARGET:
+                    _log_once(prefix, plan)
+                return UnquantizedLinearMethod()
+            return MaskproLinearMethod(self, prefix)
+
+        def summary(self) -> dict[str, int]:
+            """After loading: linears on 2:4, targets that fell back to dense, and non-target linears."""
+            plans = self.decisions.values()
+            other = sum(p.reason == NOT_TARGET for p in plans)
+            sparse = sum(p.sparse for p in plans)
+            return {"sparse": sparse, "dense_targets": len(self.decisions) - sparse - other, "not_targets": other}
+
+    # Module-level names, so pickle (vLLM ships its config to worker processes) finds the classes.
+    for cls in (MaskproVllmConfig, MaskproLinearMethod):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    _CLASSES = (MaskproVllmConfig, MaskproLinearMethod)
+    return _CLASSES
+
+
+def register() -> None:
+    """``vllm.general_plugins`` entry point: register the "maskpro" quantization method (re-entrant)."""
+    global _REGISTERED
+    config_cls, method_cls = vllm_classes()
+    if _REGISTERED:
+        return
+    from vllm.model_executor.layers import linear as vllm_linear
+    from vllm.model_executor.layers.quantization import register_quantization_config
+
+    # Same weight loader as UnquantizedLinearMethod, whose ModelWeightParameter we create.
+    add_v2 = getattr(vllm_linear, "register_weight_loader_v2_supported_method", None)
+    if add_v2 is not None:
+        add_v2(method_cls)
+    elif method_cls.__name__ not in getattr(vllm_linear, "WEIGHT_LOADER_V2_SUPPORTED", [method_cls.__name__]):
+        vllm_linear.WEIGHT_LOADER_V2_SUPPORTED.append(method_cls.__name__)
+    register_quantization_config(METHOD)(config_cls)
+    _register_op()
+    _REGISTERED = True
+    log.debug("maskpro: registered quantization method %r", METHOD)
+
+
+def __getattr__(name: str) -> Any:
+    """``MaskproVllmConfig`` / ``MaskproLinearMethod`` on demand (pickle looks them up by module name)."""
+    if name in ("MaskproVllmConfig", "MaskproLinearMethod"):
+        try:
+            config_cls, method_cls = vllm_classes()
+        except MaskproError as e:
+            raise AttributeError(str(e)) from None
+        return config_cls if name == "MaskproVllmConfig" else method_cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,74 @@
+"""The 2:4 compressed format and the sparse linear runtime (GPU kernels are checked against dense on CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maskpro.errors import MaskproError
+from maskpro.nm import NM, topn_mask
+from maskpro.serve.sparse24 import compress_24, decompress_24, kernel_ok, sparse24_mm
+from maskpro.serve.sparse_linear import CANDIDATES, SparseLinear, sparse_linear, sparsify
+
+
+def _w24(n: int, k: int, seed: int = 0, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return (w * topn_mask(w.abs(), NM(2, 4))).to(device)
+
+
+def test_compress_roundtrip_is_exact_and_56_percent_of_the_bytes():
+    w = _w24(48, 64, dtype=torch.float16)
+    w[0, :4] = 0                                              # an all-zero group
+    w[1, 4:8] = torch.tensor([0, 0, 0, 1.5], dtype=torch.float16)  # one non-zero, in the last position
+    values, meta = compress_24(w)
+    assert values.shape == (48, 32) and meta.shape == (48, 8) and meta.dtype == torch.uint8
+    assert torch.equal(decompress_24(values, meta), w)
+    stored = values.numel() * 2 + meta.numel()
+    assert stored / (w.numel() * 2) == pytest.approx(0.5625)
+
+
+def test_compress_refuses_a_dense_group():
+    w = _w24(8, 16)
+    w[2, 4:8] = 1.0
+    with pytest.raises(MaskproError, match="not 2:4"):
+        compress_24(w)
+    with pytest.raises(MaskproError, match="divisible by 8"):
+        compress_24(torch.zeros(4, 12))
+
+
+def test_cpu_paths_match_dense():
+    w = _w24(32, 128, 1)
+    values, meta = compress_24(w)
+    x = torch.randn(2, 3, 128)
+    b = torch.randn(32)
+    assert torch.allclose(sparse_linear(x, values, meta, b, 32, 128), x @ w.T + b, atol=1e-5)
+    assert torch.allclose(sparse24_mm(x[0], values, meta), x[0] @ w.T, atol=1e-5)
+    lin = torch.nn.Linear(128, 32)
+    lin.weight.data = w
+    layer = SparseLinear(lin)
+    assert torch.allclose(layer(x), lin(x), atol=1e-5)
+
+
+def test_sparsify_on_cpu_keeps_the_model_dense(tiny_pruned):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_pruned))
+    report = sparsify(model)
+    assert report["backend"] == "dense" and "no CUDA" in report["reason"]
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 4, 16, 512])
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008)])
+def test_kernels_match_dense_on_gpu(shape, tokens):
+    n, k = shape
+    w = _w24(n, k, dtype=torch.float16, device="cuda")
+    values, meta = compress_24(w)
+    x = torch.randn(tokens, k, dtype=torch.float16, device="cuda")
+    ref = (x @ w.T).float()
+    for cfg in CANDIDATES:
+        if (cfg.expand == 2 and tokens > 16) or not kernel_ok(n, k, cfg.block_n, cfg.block_k, cfg.expand):
+            continue
+        y = sparse24_mm(x, values, meta, *cfg.args()).float()
+        assert float((y - ref).abs().max() / ref.abs().max()) < 1e-2, cfg
