@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .checkpoint import atomic_path, load_tensors, save_json, save_tensors
 from .errors import MaskproError
-from .nm import NM, check_weight, pack_mask, unpack_mask
+from .nm import NM, pack_mask, unpack_mask
 
 METADATA = "maskpro.json"
 MASKS = "masks.safetensors"
@@ -95,28 +95,13 @@ def load_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 def check_saved(folder: str | os.PathLike) -> tuple[NM, int]:
     """Verify every target layer of a saved model is N:M along its input dimension.
 
-    Reads the weights tensor by tensor (no model is built); raises a one-line error naming the first bad
-    layer, row and columns, or a missing layer. Returns the pattern and the number of layers checked.
+    The check itself is :func:`maskpro.export.check.check_folder` (tensor by tensor, no model built); this
+    raises its one-line error naming the first bad layer, row and columns, or a missing layer, and returns
+    the pattern and the number of layers checked.
     """
-    from safetensors import safe_open
+    from .export.check import check_folder
 
-    meta = read_metadata(folder)
-    nm = NM(meta["n"], meta["m"])
-    targets = set(meta["targets"])
-    seen = 0
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        if f.name == MASKS:
-            continue
-        with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():
-                name = key.removesuffix(".weight")
-                if name not in targets:
-                    continue
-                seen += 1
-                bad = check_weight(fh.get_tensor(key), nm, name)
-                if bad:
-                    raise MaskproError(f"{bad[0]} (more than N={nm.n} of M={nm.m}); "
-                                       f"{len(bad)} bad groups in this layer - re-run maskpro prune")
-    if seen != len(targets):
-        raise MaskproError(f"found {seen} of {len(targets)} target layers in {folder}; the folder is incomplete")
-    return nm, seen
+    read_metadata(folder)  # a folder that is not a maskpro output gets its own one-line error first
+    report = check_folder(folder)
+    report.raise_if_bad()
+    return report.nm, len(report.targeted)
