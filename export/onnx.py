@@ -46,7 +46,7 @@ _COPIED = ("config.json", "generation_config.json", "maskpro.json", "masks.safet
 
 @dataclass
 class OnnxExportConfig:
-    dtype: str = "fp32"                 # fp32 | fp16 | bf16; TensorRT builds fp16/bf16 engines from any
+    dtype: str = "fp32"                 # fp32 | fp16 | bf16; TensorRT 10+ engines run in the ONNX's dtype
     opset: int = 17
     parity: bool = True                 # run onnxruntime against PyTorch on real text after export
     parity_prompt_tokens: int = 64
