@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.env import RESULTS, environment, merge_json
 from maskpro.serve import sparse24
-from maskpro.serve.sparse_linear import CANDIDATES
+from maskpro.serve.sparse_linear import candidates
 
 L2_BYTES = 50 * 2**20
 
@@ -86,9 +86,7 @@ def main() -> None:
             dense = [lambda w=w, x=xs[i % 2]: torch.nn.functional.linear(x, w) for i, w in enumerate(ws)]
             d_med, d_p10, d_p90 = graph_time_us(dense * 2, a.reps)
             best = None
-            for cfg in CANDIDATES:
-                if not sparse24.kernel_ok(n, k, cfg.block_n, cfg.block_k, cfg.expand) or (cfg.expand == 2 and t > 16):
-                    continue
+            for cfg in candidates(n, k, t):
                 calls = [lambda v=v, m=m, x=xs[i % 2], c=cfg: sparse24.sparse24_mm(x, v, m, *c.args())
                          for i, (v, m) in enumerate(comp)]
                 try:

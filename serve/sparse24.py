@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 
 from maskpro.errors import MaskproError
+from maskpro.nm import NM, violations
+
+NM24 = NM(2, 4)
 
 
 def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,10 +29,10 @@ def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = weight.shape
     if k % 8:
         raise MaskproError(f"2:4 compression needs in_features divisible by 8, got {k}; keep this layer dense")
+    if violations(weight, NM24).numel():
+        raise MaskproError("weight is not 2:4 along its input dimension; check it with maskpro-check")
     groups = weight.reshape(n, k // 4, 4)
     nonzero = groups != 0
-    if int(nonzero.sum(-1).max()) > 2:
-        raise MaskproError("weight is not 2:4 along its input dimension; check it with maskpro-check")
     # Rank positions: non-zeros first (stable, by position), then the rest; keep the first two, sorted.
     order = torch.sort((~nonzero).to(torch.int8) * 4 + torch.arange(4, device=weight.device), dim=-1).indices
     idx = torch.sort(order[..., :2], dim=-1).values                       # (n, k/4, 2) positions, ascending
@@ -59,12 +62,11 @@ except ImportError:  # pragma: no cover - depends on the machine
 if triton is not None:
     @triton.jit
     def _sp24_kernel(x_ptr, v_ptr, m_ptr, y_ptr, T, N, K: tl.constexpr, stride_xt, stride_yt,
-                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXPAND: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y[T, N] = x[T, K] @ W.T with W as 2:4 values + meta; a tile of N rows and T tokens per program.
 
-        Computes y.T = W @ x.T so the expanded weight tile is the MMA's A operand as loaded (no transpose).
-        EXPAND 0 splits a contiguous values tile in registers; 1 loads each dense column's candidates
-        directly (more load instructions, simpler layouts): the benchmark keeps whichever is faster.
+        Computes y.T = W @ x.T so the expanded weight tile is the MMA's A operand as loaded (no transpose);
+        a contiguous values tile is split into its two slots and expanded in registers.
         """
         pid_n = tl.program_id(0)
         pid_t = tl.program_id(1)
@@ -77,29 +79,19 @@ if triton is not None:
         v_rows = v_ptr + rn[:, None].to(tl.int64) * (K // 2)
         m_rows = m_ptr + rn[:, None].to(tl.int64) * (K // 8)
         for k0 in tl.range(0, K, BLOCK_K):
-            if EXPAND == 0:
-                vals = tl.load(v_rows + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :])   # (BN, BK/2)
-                v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, G, 2)))                    # (BN, G) each
-                g = k0 // 4 + tl.arange(0, G)
-                mb = tl.load(m_rows + (g // 2)[None, :]).to(tl.int32)
-                nib = (mb >> ((g % 2) * 4)[None, :]) & 15
-                i0 = nib & 3
-                i1 = nib >> 2
-                zero = tl.zeros_like(v0)
-                w0 = tl.where(i0 == 0, v0, zero)
-                w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
-                w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
-                w3 = tl.where(i1 == 3, v1, zero)
-                w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, BLOCK_K))
-            else:
-                c = k0 + rk                       # dense columns of this tile
-                g = c // 4
-                p = c % 4
-                v0 = tl.load(v_rows + (2 * g)[None, :])
-                v1 = tl.load(v_rows + (2 * g + 1)[None, :])
-                mb = tl.load(m_rows + (g // 2)[None, :]).to(tl.int32)
-                nib = (mb >> ((g % 2) * 4)[None, :]) & 15
-                w = tl.where((nib & 3) == p[None, :], v0, tl.where((nib >> 2) == p[None, :], v1, tl.zeros_like(v0)))
+            vals = tl.load(v_rows + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :])   # (BN, BK/2)
+            v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, G, 2)))                    # (BN, G) each
+            g = k0 // 4 + tl.arange(0, G)
+            mb = tl.load(m_rows + (g // 2)[None, :]).to(tl.int32)
+            nib = (mb >> ((g % 2) * 4)[None, :]) & 15
+            i0 = nib & 3
+            i1 = nib >> 2
+            zero = tl.zeros_like(v0)
+            w0 = tl.where(i0 == 0, v0, zero)
+            w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+            w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+            w3 = tl.where(i1 == 3, v1, zero)
+            w = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, BLOCK_K))
             xt = tl.load(x_ptr + rt[None, :] * stride_xt + (k0 + rk)[:, None], mask=t_ok[None, :], other=0.0)
             acc += tl.dot(w, xt)                  # (BN, BK) @ (BK, BT)
         y = y_ptr + rt[None, :] * stride_yt + rn[:, None]
@@ -165,7 +157,7 @@ def kernel_ok(n: int, k: int, block_n: int = 32, block_k: int = 256, expand: int
 
 
 def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_n: int = 32,
-                block_k: int = 256, num_warps: int = 4, num_stages: int = 3, expand: int = 1) -> torch.Tensor:
+                block_k: int = 256, num_warps: int = 4, num_stages: int = 3, expand: int = 0) -> torch.Tensor:
     """``x @ W.T`` for 2-D ``x`` (T, K) and a compressed W (N, K): the Triton kernel on CUDA, torch elsewhere."""
     n, k = values.shape[0], values.shape[1] * 2
     if x.device.type != "cuda" or not kernel_ok(n, k, block_n, block_k, expand):
@@ -181,5 +173,5 @@ def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block
     block_t = 16 if t <= 16 else (32 if t <= 32 else 64)
     grid = (n // block_n, triton.cdiv(t, block_t))
     _sp24_kernel[grid](x, values, meta, y, t, n, k, x.stride(0), y.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
-                       BLOCK_K=block_k, EXPAND=expand, num_warps=num_warps, num_stages=num_stages)
+                       BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return y

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from maskpro.nm import violations
+
 from . import sparse24
 from .sparse24 import compress_24, decompress_24  # noqa: F401 - the runtime's public kernel API
 
@@ -33,7 +35,7 @@ class KernelConfig:
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 3
-    expand: int = 1
+    expand: int = 0     # 0: tensor-core kernel (any token count); 2: CUDA-core decode kernel (up to 16 tokens)
 
     def args(self) -> tuple[int, int, int, int, int]:
         return self.block_n, self.block_k, self.num_warps, self.num_stages, self.expand
@@ -42,6 +44,12 @@ class KernelConfig:
 CANDIDATES = ([KernelConfig(bn, bk, w, s, 2) for bn in (4, 8, 16) for bk in (128, 256, 512, 1024) for w in (2, 4)
                for s in (2, 4)]
               + [KernelConfig(bn, 256, 4, 2, 0) for bn in (16, 64)])
+
+
+def candidates(n: int, k: int, tokens: int, configs: list[KernelConfig] | None = None) -> list[KernelConfig]:
+    """The kernel configs that can run an (out n, in k) layer on ``tokens`` tokens."""
+    return [c for c in configs or CANDIDATES
+            if sparse24.kernel_ok(n, k, c.block_n, c.block_k, c.expand) and not (c.expand == 2 and tokens > 16)]
 
 
 @dataclass
@@ -85,9 +93,7 @@ def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
         x = torch.randn(t, k, dtype=weight.dtype, device=weight.device)
         timings = {"dense": time_us(lambda: torch.nn.functional.linear(x, weight))} if keep_dense else {}
         best = None
-        for cfg in configs or CANDIDATES:
-            if not sparse24.kernel_ok(n, k, cfg.block_n, cfg.block_k, cfg.expand) or (cfg.expand == 2 and t > 16):
-                continue
+        for cfg in candidates(n, k, t, configs):
             try:
                 us = time_us(lambda: sparse24.sparse24_mm(x, values, meta, *cfg.args()))
             except Exception as e:  # noqa: BLE001 - a config this Triton build cannot compile is skipped
@@ -127,10 +133,11 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bia
 class SparseLinear(nn.Module):
     """A 2:4 linear layer: compressed weights for the kernel, and the dense weight where dense is faster."""
 
-    def __init__(self, linear: nn.Linear, plan: ShapePlan | None = None, keep_dense: bool = True):
+    def __init__(self, linear: nn.Linear, plan: ShapePlan | None = None, keep_dense: bool = True,
+                 compressed: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        values, meta = sparse24.compress_24(linear.weight.data)
+        values, meta = compressed if compressed is not None else compress_24(linear.weight.data)
         self.register_buffer("values", values, persistent=False)
         self.register_buffer("meta", meta, persistent=False)
         self.weight = linear.weight if keep_dense else None
@@ -175,16 +182,16 @@ def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: 
         if not isinstance(lin, nn.Linear) or lin.in_features % 8:
             continue
         w = lin.weight.data
-        if w.reshape(-1, 4).ne(0).sum(-1).max() > 2:
+        if violations(w, sparse24.NM24).numel():
             continue  # not 2:4: stays dense
+        values, meta = compress_24(w)
         key = tuple(w.shape)
         if tune and key not in plans:
-            values, meta = sparse24.compress_24(w)
             plans[key] = plan_shape(w, values, meta, buckets, keep_dense=keep_dense)
             log.info("plan %s: %s", key, plans[key].choice)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child,
-                SparseLinear(lin, plans.get(key), keep_dense=keep_dense))
+                SparseLinear(lin, plans.get(key), keep_dense=keep_dense, compressed=(values, meta)))
         swapped.append(name)
     return {"backend": "sparse24-triton", "layers": len(swapped), "keep_dense": keep_dense,
             "plans": {f"{k[1]}x{k[0]}": {"choice": p.choice, "timings_us": p.timings_us} for k, p in plans.items()}}
