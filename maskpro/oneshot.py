@@ -4,6 +4,12 @@ The model plumbing lives here; the scores and the OBS solver are pure math (``nm
 Calibration follows the reference implementations: the inputs of the first decoder layer are captured for
 every calibration sequence, then each layer is pruned from statistics of its inputs and re-run so the next
 layer sees the pruned model's activations.
+
+Large models: each block runs on its own device (a model spread by accelerate's ``device_map``), with the
+calibration activations moved to it. Under ``torchrun`` the calibration windows are split over the ranks
+in whole batches, the per-layer statistics (X^T X for SparseGPT, column norms for Wanda) are summed with
+one all-reduce per layer, and every rank then solves the same problem, so all ranks end with the same
+pruned model and nothing else is sent.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from . import nm as nmlib
 from .errors import MaskproError
 from .models import decoder_layers, find_linears
@@ -70,6 +77,20 @@ def _layer_out(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _input_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.device if emb is not None else next(model.parameters()).device
+
+
+def _on(device: torch.device, hidden: torch.Tensor, kw: dict) -> tuple[torch.Tensor, dict]:
+    """A block's inputs on the block's device (a no-op unless the model is spread over devices)."""
+    from accelerate.utils import send_to_device
+
+    if hidden.device == device:
+        return hidden, kw
+    return hidden.to(device), send_to_device(kw, device)
+
+
 def calibrated_prune(model: nn.Module, calib: torch.Tensor, nm: NM, method: str,
                      targets: list[str] | None = None, batch: int = 8, keep_decided: bool = False,
                      fixed_masks: dict[str, torch.Tensor] | None = None,
@@ -80,11 +101,14 @@ def calibrated_prune(model: nn.Module, calib: torch.Tensor, nm: NM, method: str,
     """
     if method not in ("wanda", "sparsegpt"):
         raise MaskproError(f"calibrated_prune takes wanda or sparsegpt, not {method!r}")
-    device = next(model.parameters()).device
+    device = _input_device(model)
     chosen = find_linears(model, targets)
     for name, mod in chosen.items():
         nmlib.check_shape(mod.weight.shape, nm, name)
     names_of = {id(m): n for n, m in chosen.items()}
+    group = distributed.current()
+    if group.distributed:  # this rank's whole batches; the statistics are summed below
+        calib = distributed.calibration_share(calib, batch, group.rank, group.world_size)
     inputs = _capture_first_layer(model, calib, device, batch)
     result = PruneResult({})
     layers = decoder_layers(model)
@@ -106,6 +130,8 @@ def calibrated_prune(model: nn.Module, calib: torch.Tensor, nm: NM, method: str,
             return hook
 
         handles = [m.register_forward_hook(make_hook(n)) for n, m in subset.items()]
+        block = next(layer.parameters()).device
+        inputs = [_on(block, hidden, kw) for hidden, kw in inputs]
         with torch.no_grad():
             for hidden, kw in inputs:
                 layer(hidden, **kw)
@@ -115,6 +141,9 @@ def calibrated_prune(model: nn.Module, calib: torch.Tensor, nm: NM, method: str,
             w = mod.weight.data
             if name not in stats:
                 raise MaskproError(f"layer {name} saw no calibration input; it is not used by the forward pass")
+            if group.distributed:
+                distributed.all_sum_(stats[name])
+                counts[name] = int(distributed.all_sum_(torch.tensor(counts[name], device=stats[name].device)))
             if method == "wanda":
                 norm = (stats[name] / counts[name]).sqrt()
                 mask = nmlib.topn_mask(w.abs().float() * norm.reshape(1, -1), nm, name)

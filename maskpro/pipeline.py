@@ -5,6 +5,11 @@ MaskPro variants (``learn_on`` x ``reconstruct``):
   * ``reconstruct=True``:  afterwards, SparseGPT's OBS solver re-fits the kept weights for the learned mask.
   * ``learn_on="sparsegpt"``: learn on SparseGPT's compensated weights (each weight's value when its group
     was decided), starting from SparseGPT's mask, so the search starts where SparseGPT ends.
+
+Under ``torchrun`` every rank runs the same job on its own replica: the one-shot prior splits its
+calibration over the ranks and the learner its minibatches (see ``maskpro.distributed``), and every rank
+ends with the same pruned model. With ``learner.memory="lean"`` the dense copy kept for the kd teacher and
+``--reconstruct`` waits in host memory, so the GPUs hold only the model and the logits.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import data
+from . import data, distributed
 from .errors import MaskproError
 from .learner import LearnerConfig, MaskProLearner
 from .models import find_linears
@@ -80,8 +85,10 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
               progress: bool = True) -> PruneOutcome:
     """Prune ``model`` in place as ``job`` says; returns the masks and a record of what was done."""
     nm = validate_job(job)
+    progress = progress and distributed.is_main()
     layers = find_linears(model, job.targets)
     device = next(model.parameters()).device
+    lean = job.learner.memory == "lean"
     info: dict = {"targets_glob": job.targets, "nm": str(nm)}
     t0 = time.perf_counter()
 
@@ -97,7 +104,7 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
         return PruneOutcome(res.masks, info)
 
     # MaskPro: prior from a one-shot method on a copy of the dense weights.
-    dense = {n: m.weight.data.clone() for n, m in layers.items()}
+    dense = {n: m.weight.data.to("cpu", copy=True) if lean else m.weight.data.clone() for n, m in layers.items()}
     windows = calib() if job.init != "magnitude" or job.reconstruct else None
     prior = prune(model, job.init, nm, windows, job.targets, batch=job.calib.batch,
                   keep_decided=job.learn_on == "sparsegpt", progress=progress)
@@ -106,11 +113,11 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
     if job.learn_on == "sparsegpt":
         if job.init != "sparsegpt":
             raise MaskproError("--learn-on sparsegpt needs --init sparsegpt (it learns on SparseGPT's weights)")
-        source = {n: prior.decided[n].to(device) for n in layers}
+        source = {n: prior.decided[n] if lean else prior.decided[n].to(device) for n in layers}
     else:
         source = dense
-    for n, m in layers.items():  # the learner masks its source weights itself
-        m.weight.data = source[n]
+    for n, m in layers.items():  # the modules hold the dense model (the kd teacher); the learner masks `source`
+        m.weight.data = dense[n].to(m.weight.device)
     batches = data.learning_batches(tokenizer, job.n_docs, job.seq_len, job.data_root, job.calib_file,
                                     job.windows_per_doc, job.learner.seed)
     info["learning_data"] = {"dataset": "c4", "n_docs": job.n_docs, "seq_len": job.seq_len,
@@ -120,14 +127,15 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
     result = learner.run(resume=resume)
     learner.finish(result.masks)
     info["learner"] = {**job.learner.fingerprint(), "steps": result.steps, "wall_s": result.wall_s,
-                       "ms_per_step": result.ms_per_step, "learn_on": job.learn_on,
+                       "ms_per_step": result.ms_per_step, "learn_on": job.learn_on, "memory": job.learner.memory,
+                       "processes": distributed.current().world_size,
                        "baseline_loss": result.baseline_loss, "skipped_steps": result.skipped_steps,
                        "final_residual_ema": sum(result.residuals[-50:]) / max(1, len(result.residuals[-50:]))}
     changed = sum(int((result.masks[n] != prior.masks[n]).sum()) for n in layers)
     info["learner"]["changed_fraction"] = changed / sum(m.numel() for m in result.masks.values())
     if job.reconstruct:
         for n, m in layers.items():
-            m.weight.data = dense[n]
+            m.weight.data = dense[n].to(m.weight.device)
         calibrated_prune(model, windows, nm, "sparsegpt", job.targets, batch=job.calib.batch,
                          fixed_masks=result.masks, progress=progress)
         info["reconstructed"] = "sparsegpt-obs"

@@ -203,6 +203,17 @@ class GracefulServer(uvicorn.Server):
 def serve_external(a: argparse.Namespace) -> int:
     from . import backends
 
+    return backends.run_server_process(external_command(a), a.host, a.port, startup_timeout_s=a.startup_timeout)
+
+
+def external_command(a: argparse.Namespace) -> list[str]:
+    """The ``vllm serve`` / ``trtllm-serve`` command line for the parsed arguments (checks included).
+
+    ``--tensor-parallel-size N`` becomes vLLM's ``--tensor-parallel-size N`` and trtllm-serve's ``--tp_size N``
+    (a TensorRT-LLM engine's TP size is fixed at ``maskpro-export --engine trtllm --tp N`` and must match).
+    """
+    from . import backends
+
     if a.port == 0:
         raise MaskproError(f"--backend {a.backend} needs an explicit --port")
     if a.device not in ("auto", "cuda"):
@@ -228,7 +239,7 @@ def serve_external(a: argparse.Namespace) -> int:
         cmd = backends.trtllm_command(model, host=a.host, port=a.port, tensor_parallel_size=a.tensor_parallel_size,
                                       backend=trt_backend, max_batch_size=a.max_batch_size, max_seq_len=max_len,
                                       tokenizer=tokenizer, extra_args=a.engine_args, exe=exe)
-    return backends.run_server_process(cmd, a.host, a.port, startup_timeout_s=a.startup_timeout)
+    return cmd
 
 
 if __name__ == "__main__":

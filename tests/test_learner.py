@@ -74,3 +74,23 @@ def test_prior_must_be_strict():
     model = tiny_llama()
     with pytest.raises(MaskproError, match="not strict 2:4"):
         MaskProLearner(model, find_linears(model), prior, BATCHES, LearnerConfig(batch_size=4), progress=False)
+
+
+def test_kd_loss_is_zero_for_the_teacher_and_positive_for_a_mask():
+    """kd scores masks against the dense model: the dense weights' loss is the teacher's own entropy."""
+    learner, _ = _learner(steps=6, loss="kd")
+    assert learner.teacher.shape == (16, 24, 256)
+    torch.testing.assert_close(learner.teacher.sum(-1), torch.ones(16, 24))
+    ids, target = learner.batch(0), learner._target(0)
+    learner.w.copy_(learner.w0)  # dense weights: soft cross-entropy = teacher entropy
+    entropy = -(target * target.log()).sum(-1).mean()
+    torch.testing.assert_close(learner._loss(ids, target), entropy)
+    res = learner.run(resume=False)
+    assert min(res.losses) > float(entropy)  # every sampled 2:4 mask is further from the teacher
+    for n, m in res.masks.items():
+        assert check_weight(m.float(), NM(2, 4), n, strict=False) == []
+
+
+def test_unknown_loss_is_refused():
+    with pytest.raises(MaskproError, match="unknown learner loss"):
+        _learner(loss="mse")
