@@ -1,0 +1,1 @@
+"""The benchmarks behind `maskpro-bench`, installed as ``maskpro.bench`` (see cli.py)."""

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.env import RESULTS, environment, merge_json
+from .env import RESULTS, environment, merge_json
 
 _IMPORTS = ("import torch, transformers, onnx, onnxruntime, safetensors; "
             "import maskpro.export.onnx, maskpro.export.vllm, maskpro.export.cli")

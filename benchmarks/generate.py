@@ -1,48 +1,78 @@
-"""End-to-end generation, dense vs 2:4: time to first token and decode tokens/s at batch 1.
+"""End-to-end generation, dense vs 2:4: time to first token, time per output token, tokens/s and peak memory.
 
-  python -m benchmarks.generate --config llama2-7b --prompt 512 --new 128 --tag h100
+  maskpro-bench generate --config llama2-7b --batch-sizes 1 4 16 64 --prompts 128 512 --new 128
+  maskpro-bench generate --model runs/smollm2-2of4 --batch-sizes 1 8
+  maskpro-bench generate                        # CPU: a tiny config, a check of the harness
 
-Random weights at the model's real shapes (speed does not depend on the values), every decoder linear pruned
-2:4 by magnitude. The same model is measured twice in one process: dense (the masked dense weights on cuBLAS),
+Random weights at the model's real shapes (``--config``; speed does not depend on the values) or a model
+folder's weights (``--model``), every decoder linear pruned 2:4 by magnitude. The same model is measured
+twice in one process over every batch size and prompt length: dense (the masked dense weights on cuBLAS),
 then after ``sparsify`` (maskpro's runtime picks its 2:4 kernel or dense per shape and token count). Prefill
-(TTFT) is one forward of the prompt; decode runs one token per step on a static KV cache, captured in a CUDA
-graph where capture works (``decode_graph`` in the output says which). CUDA events, median of ``--reps`` runs
-after warm-up. Writes ``results/generate-<tag>.json``. On CPU it runs a tiny config as a harness check.
+(TTFT) is one forward of the batch of prompts; decode runs one token per sequence per step on a static KV
+cache, captured in a CUDA graph where capture works (``decode_graph`` says which). CUDA events on GPU,
+perf_counter on CPU, median of ``--reps`` runs after warm-up; rows whose (p90-p10)/median exceeds
+``--max-spread`` are marked ``trusted: false``. Peak memory is the CUDA allocator's peak per measurement on
+GPU and the process's peak RSS on CPU. The backend is maskpro's PyTorch runtime; other engines are measured
+through their servers with ``maskpro-bench serve``.
+
+Top-level ``decode_tokens_per_s`` and ``ttft_ms`` ({"dense", "sparse"}) are those of the first batch size and
+prompt length; ``rows`` holds the whole sweep. Writes ``generate-<tag>.json`` and a PNG.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from benchmarks.env import RESULTS, environment, merge_json
+from . import configs, stats
+from .env import (add_output_args, device_tag, environment, fill_defaults, merge_json, output_path, peak_memory,
+                  reset_peak_memory)
+from .kernels import positive_int
 
-CONFIGS = {
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256),
-}
+GPU = {"config": "llama2-7b", "batch_sizes": [1, 4, 16, 64], "prompts": [128, 512], "new": 128, "reps": 5,
+       "dtype": "fp16"}
+CPU = {"config": "tiny", "batch_sizes": [1], "prompts": [16], "new": 8, "reps": 3, "dtype": "fp32"}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def build_model(name: str, device: str, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help=f"random-weight model shapes: {', '.join(configs.CONFIGS)} or "
+                                                   "NAME:LAYERS (default: llama2-7b on GPU, tiny on CPU)")
+    p.add_argument("--model", default=None, help="a model folder to load instead (its weights, pruned 2:4)")
+    p.add_argument("--batch-sizes", nargs="+", type=positive_int, default=None,
+                   help="sequences decoded together (default GPU: 1 4 16 64; CPU: 1)")
+    p.add_argument("--prompts", "--prompt", nargs="+", type=positive_int, default=None,
+                   help="prompt lengths in tokens (default GPU: 128 512; CPU: 16)")
+    p.add_argument("--new", type=positive_int, default=None, help="tokens generated per sequence (default 128, "
+                                                                   "CPU 8)")
+    p.add_argument("--reps", type=positive_int, default=None, help="timed repetitions (default 5, CPU 3)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default fp16 on GPU; CPU runs fp32")
+    p.add_argument("--max-spread", type=float, default=stats.MAX_SPREAD,
+                   help="flag rows whose (p90-p10)/median exceeds this as not trusted")
+    p.add_argument("--tag", default=None, help="results name generate-<tag>.json (default: the device)")
+    add_output_args(p, "generate-<tag>.json")
 
-    from maskpro.nm import NM, topn_mask
 
-    cfg = LlamaConfig(**CONFIGS[name], max_position_embeddings=4096)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
-    with torch.no_grad():
-        for mod in model.model.layers.modules():
-            if isinstance(mod, torch.nn.Linear):
-                mod.weight.mul_(topn_mask(mod.weight.abs(), NM(2, 4)))
-    return model
+def build_model(a: argparse.Namespace, device: str, dtype: torch.dtype):
+    """(model, description): random weights at a config's shapes or a folder's weights, decoder linears 2:4."""
+    if a.model:
+        from maskpro.models import load_model
+
+        model, _ = load_model(a.model, dtype, device)
+        desc = f"{a.model} (its weights, decoder linears 2:4)"
+    else:
+        shape = configs.resolve(a.config)
+        model = configs.build_random_model(shape, device, dtype)
+        desc = f"{shape.name} (random weights, decoder linears 2:4)"
+    configs.prune_24_(model)
+    return model, desc
 
 
 class Timer:
@@ -64,13 +94,34 @@ class Timer:
         return (time.perf_counter() - t0) * 1000
 
 
-def measure(model, prompt_len: int, new_tokens: int, reps: int, device: str) -> dict:
-    """TTFT of a prompt and per-token decode time on a static cache (CUDA-graph replay when it captures)."""
+def _capture(step, device: str):
+    """A CUDA graph of one decode step (run = graph.replay), or eager ``step`` where capture fails or on CPU."""
+    if device != "cuda":
+        return None, step
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph, graph.replay
+    except Exception as e:  # noqa: BLE001 - record why and time eager decode instead
+        print(f"decode graph capture failed ({type(e).__name__}: {str(e)[:200]}); timing eager decode")
+        torch.cuda.synchronize()
+        return None, step
+
+
+def measure(model, prompt_len: int, new_tokens: int, reps: int, device: str, batch: int = 1) -> dict:
+    """TTFT of a batch of prompts and per-step decode time on a static cache (CUDA-graph replay when it captures)."""
     from transformers import StaticCache
 
     timer = Timer(device)
     cfg = model.config
-    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
     cache = StaticCache(config=cfg, max_cache_len=prompt_len + new_tokens + 8)
 
     def prefill():
@@ -82,32 +133,16 @@ def measure(model, prompt_len: int, new_tokens: int, reps: int, device: str) -> 
     for _ in range(2):
         prefill()
     ttft = [timer(prefill) for _ in range(reps)]
-    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
     pos = torch.full((1,), prompt_len, dtype=torch.long, device=device)
 
     def step():
         with torch.no_grad():
             return model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos,
-                         position_ids=pos[None]).logits
+                         position_ids=pos[None].expand(batch, 1)).logits
 
-    graph, run = None, step
-    if device == "cuda":
-        prefill()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            run = graph.replay
-        except Exception as e:  # noqa: BLE001 - record why and time eager decode instead
-            graph, run = None, step
-            print(f"decode graph capture failed ({type(e).__name__}: {str(e)[:200]}); timing eager decode")
-            torch.cuda.synchronize()
+    prefill()
+    graph, run = _capture(step, device)
     per_token = []
     for _ in range(reps):
         prefill()
@@ -119,43 +154,80 @@ def measure(model, prompt_len: int, new_tokens: int, reps: int, device: str) -> 
                 pos.add_(1)
 
         per_token.append(timer(decode) / new_tokens)
-    med = statistics.median(per_token)
-    return {"ttft_ms": statistics.median(ttft), "ms_per_token": med, "decode_tokens_per_s": 1000 / med,
+    med, ttft_med = statistics.median(per_token), statistics.median(ttft)
+    return {"ttft_ms": ttft_med, "ms_per_token": med, "decode_tokens_per_s": batch * 1000 / med,
+            "e2e_tokens_per_s": batch * new_tokens * 1000 / (ttft_med + new_tokens * med),
             "decode_graph": graph is not None, "ttft_spread_ms": [min(ttft), max(ttft)],
-            "ms_per_token_spread": [min(per_token), max(per_token)]}
+            "ms_per_token_spread": [min(per_token), max(per_token)],
+            "spread": {"ttft": stats.summarize(ttft)["spread"], "decode": stats.summarize(per_token)["spread"]}}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, choices=list(CONFIGS), help="default: llama2-7b on GPU, tiny on CPU")
-    p.add_argument("--prompt", type=int, default=512)
-    p.add_argument("--new", type=int, default=128)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
-    p.add_argument("--tag", default=None)
-    p.add_argument("--out", default=None, help="write here instead of results/generate-<tag>.json")
-    a = p.parse_args()
+def sweep(model, a: argparse.Namespace, device: str, label: str) -> dict[tuple[int, int], dict]:
+    """measure() at every (batch, prompt) with the peak memory of each; out-of-memory is recorded, not fatal."""
+    out = {}
+    points = list(itertools.product(a.batch_sizes, a.prompts))
+    for batch, prompt in tqdm(points, desc=label, unit="point", disable=None):
+        reset_peak_memory()
+        try:
+            out[batch, prompt] = {**measure(model, prompt, a.new, a.reps, device, batch), **peak_memory()}
+        except torch.OutOfMemoryError:
+            out[batch, prompt] = {"error": "CUDA out of memory"}
+            torch.cuda.empty_cache()
+        print(f"{label} batch {batch} prompt {prompt}:", out[batch, prompt], flush=True)
+    return out
+
+
+def rows_of(dense: dict, sparse: dict, max_spread: float) -> list[dict]:
+    """One row per (batch, prompt) with dense and 2:4 side by side, speedups and the spread flag."""
+    rows = []
+    for (batch, prompt), d in dense.items():
+        s = sparse[batch, prompt]
+        row = {"batch": batch, "prompt_tokens": prompt, "dense": d, "sparse": s}
+        if "error" not in d and "error" not in s:
+            spreads = {f"{path} {k}": v for path, m in (("dense", d), ("2:4", s)) for k, v in m["spread"].items()}
+            row.update(decode_speedup=s["decode_tokens_per_s"] / d["decode_tokens_per_s"],
+                       ttft_speedup=d["ttft_ms"] / s["ttft_ms"], trusted=stats.trusted(*spreads.values(),
+                                                                                       max_spread=max_spread))
+            if not row["trusted"]:
+                stats.warn_untrusted(f"batch {batch}, prompt {prompt}", spreads, max_spread)
+        else:
+            row["trusted"] = False
+        rows.append(row)
+    return rows
+
+
+def run(a: argparse.Namespace) -> Path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = a.config or ("llama2-7b" if device == "cuda" else "tiny")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype if device == "cuda" else "fp32"]
-    model = build_model(name, device, dtype)
-    dense = measure(model, a.prompt, a.new, a.reps, device)
-    print("dense", dense, flush=True)
-    from maskpro.serve.sparse_linear import sparsify
+    fill_defaults(a, GPU if device == "cuda" else CPU)
+    dtype = DTYPES[a.dtype if device == "cuda" else "fp32"]
+    out_path = output_path(a, f"generate-{a.tag or device_tag()}.json")
+    model, desc = build_model(a, device, dtype)
+    dense = sweep(model, a, device, "dense")
+    from maskpro.serve.sparse_linear import _bucket, sparsify
 
-    report = sparsify(model, buckets=tuple(sorted({1, a.prompt})))
-    sparse = measure(model, a.prompt, a.new, a.reps, device)
-    print("sparse", sparse, flush=True)
-    out = {"device": environment()["device"], "model": f"{name} (random weights, decoder linears 2:4)",
-           "dtype": str(dtype).removeprefix("torch."), "batch": 1, "prompt_tokens": a.prompt, "new_tokens": a.new,
-           "decode_tokens_per_s": {"dense": dense["decode_tokens_per_s"], "sparse": sparse["decode_tokens_per_s"]},
-           "ttft_ms": {"dense": dense["ttft_ms"], "sparse": sparse["ttft_ms"]},
-           "decode_speedup": sparse["decode_tokens_per_s"] / dense["decode_tokens_per_s"],
-           "detail": {"dense": dense, "sparse": sparse},
-           "runtime": {k: v for k, v in report.items() if k != "plans"}, "env": environment()}
-    tag = a.tag or ("h100" if device == "cuda" else "cpu-harness")
-    merge_json(Path(a.out) if a.out else RESULTS / f"generate-{tag}.json", out)
+    tokens = {b for b in a.batch_sizes} | {b * p for b in a.batch_sizes for p in a.prompts}
+    report = sparsify(model, buckets=tuple(sorted({_bucket(t) for t in tokens})))
+    sparse = sweep(model, a, device, "2:4")
+    rows = rows_of(dense, sparse, a.max_spread)
+    first = rows[0]
+    env = environment()
+    out = {"device": env["device"], "model": desc, "dtype": str(dtype).removeprefix("torch."),
+           "backend": "maskpro torch runtime", "batch": first["batch"], "prompt_tokens": first["prompt_tokens"],
+           "new_tokens": a.new, "batch_sizes": a.batch_sizes, "prompt_lengths": a.prompts,
+           "max_spread": a.max_spread, "rows": rows,
+           "runtime": {k: v for k, v in report.items() if k != "plans"}, "env": env}
+    if "error" not in first["dense"] and "error" not in first["sparse"]:
+        d, s = first["dense"], first["sparse"]
+        out.update(decode_tokens_per_s={"dense": d["decode_tokens_per_s"], "sparse": s["decode_tokens_per_s"]},
+                   ttft_ms={"dense": d["ttft_ms"], "sparse": s["ttft_ms"]}, decode_speedup=first["decode_speedup"],
+                   detail={"dense": d, "sparse": s})
+    merge_json(out_path, out)
+    from .plot import publish
+
+    return publish(out_path)
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import main_for
+
+    sys.exit(main_for("generate"))

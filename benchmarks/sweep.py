@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from benchmarks.env import RESULTS, environment, merge_json
+from .env import RESULTS, environment, merge_json
 from maskpro import data
 from maskpro.evaluate import evaluate_perplexity
 from maskpro.learner import LearnerConfig, MaskProLearner

@@ -61,6 +61,22 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 if triton is not None:
     @triton.jit
+    def _tile(BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's output rows and tokens (grid: N tiles x token tiles)."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        return rn, rt
+
+    @triton.jit
+    def _inputs_of_kept(i0, i1, x0, x1, x2, x3):
+        """The x entry each of a group's two kept values multiplies (first kept sits at 0-2, second at 1-3)."""
+        s0 = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
+        s1 = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
+        return s0, s1
+
+
+if triton is not None:
+    @triton.jit
     def _sp24_kernel(x_ptr, v_ptr, m_ptr, y_ptr, T, N, K: tl.constexpr, stride_xt, stride_yt,
                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y[T, N] = x[T, K] @ W.T with W as 2:4 values + meta; a tile of N rows and T tokens per program.
@@ -68,11 +84,8 @@ if triton is not None:
         Computes y.T = W @ x.T so the expanded weight tile is the MMA's A operand as loaded (no transpose);
         a contiguous values tile is split into its two slots and expanded in registers.
         """
-        pid_n = tl.program_id(0)
-        pid_t = tl.program_id(1)
         G: tl.constexpr = BLOCK_K // 4
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        rn, rt = _tile(BLOCK_T, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         t_ok = rt < T
         acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
@@ -108,11 +121,8 @@ if triton is not None:
         The x tile is split into its four positions per group, and each kept value picks its input with
         selects, so the weights are read once, as compressed, and nothing is gathered or expanded.
         """
-        pid_n = tl.program_id(0)
-        pid_t = tl.program_id(1)
         G: tl.constexpr = BLOCK_K // 4
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        rn, rt = _tile(BLOCK_T, BLOCK_N)
         t_ok = rt < T
         acc = tl.zeros((BLOCK_T, BLOCK_N, G), dtype=tl.float32)
         v_rows = v_ptr + rn[:, None].to(tl.int64) * (K // 2)
@@ -143,8 +153,55 @@ if triton is not None:
             x1 = x1[:, None, :]
             x2 = x2[:, None, :]
             x3 = x3[:, None, :]
-            s0 = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
-            s1 = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
+            s0, s1 = _inputs_of_kept(i0, i1, x0, x1, x2, x3)
+            acc += v0[None, :, :] * s0 + v1[None, :, :] * s1
+        out = tl.sum(acc, axis=2)                                   # (BLOCK_T, BLOCK_N)
+        y = y_ptr + rt[:, None] * stride_yt + rn[None, :]
+        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & (rn < N)[None, :])
+
+
+if triton is not None:
+    @triton.jit
+    def _sp24_words_kernel(x_ptr, v_ptr, m_ptr, y_ptr, T, N, K: tl.constexpr, stride_xt, stride_yt,
+                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           EVEN_K: tl.constexpr):
+        """Decode like ``_sp24_gemv_kernel``, with every tile in one register layout (no reshape or split).
+
+        Each group's two kept fp16 values are one 32-bit word: a (BLOCK_N, groups) tile of words is one
+        contiguous, vectorised load, and both values come out of it with shifts and bit casts. The four x
+        inputs of each group are read with a stride (x is small and stays in L1), so selecting a value's
+        input needs no shuffle between threads.
+        """
+        G: tl.constexpr = BLOCK_K // 4
+        rn, rt = _tile(BLOCK_T, BLOCK_N)
+        rg = tl.arange(0, G)
+        t_ok = rt < T
+        acc = tl.zeros((BLOCK_T, BLOCK_N, G), dtype=tl.float32)
+        w_rows = v_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None].to(tl.int64) * (K // 4)
+        m_rows = m_ptr + rn[:, None].to(tl.int64) * (K // 8)
+        x_rows = x_ptr + rt[:, None, None] * stride_xt
+        for k0 in tl.range(0, K, BLOCK_K):
+            g = k0 // 4 + rg
+            g_ok = g < K // 4
+            if EVEN_K:
+                words = tl.load(w_rows + g[None, :], eviction_policy="evict_first")
+                mb = tl.load(m_rows + (g // 2)[None, :], eviction_policy="evict_first").to(tl.int32)
+            else:  # the last tile runs past K: masked words are 0 (two zero values) and add nothing
+                words = tl.load(w_rows + g[None, :], mask=g_ok[None, :], other=0, eviction_policy="evict_first")
+                mb = tl.load(m_rows + (g // 2)[None, :], mask=g_ok[None, :], other=0,
+                             eviction_policy="evict_first").to(tl.int32)
+            v0 = (words & 0xFFFF).to(tl.uint16).to(v_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+            v1 = ((words >> 16) & 0xFFFF).to(tl.uint16).to(v_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+            nib = (mb >> ((g % 2) * 4)[None, :]) & 15
+            i0 = (nib & 3)[None, :, :]
+            i1 = (nib >> 2)[None, :, :]
+            xk = x_rows + 4 * g[None, None, :]
+            xm = t_ok[:, None, None] & g_ok[None, None, :]
+            x0 = tl.load(xk, mask=xm, other=0.0).to(tl.float32)
+            x1 = tl.load(xk + 1, mask=xm, other=0.0).to(tl.float32)
+            x2 = tl.load(xk + 2, mask=xm, other=0.0).to(tl.float32)
+            x3 = tl.load(xk + 3, mask=xm, other=0.0).to(tl.float32)
+            s0, s1 = _inputs_of_kept(i0, i1, x0, x1, x2, x3)
             acc += v0[None, :, :] * s0 + v1[None, :, :] * s1
         out = tl.sum(acc, axis=2)                                   # (BLOCK_T, BLOCK_N)
         y = y_ptr + rt[:, None] * stride_yt + rn[None, :]
@@ -153,20 +210,22 @@ if triton is not None:
 
 def kernel_ok(n: int, k: int, block_n: int = 32, block_k: int = 256, expand: int = 0) -> bool:
     """Whether a kernel config covers this shape (the decode kernel masks a partial last K tile)."""
-    return triton is not None and n % block_n == 0 and k % 8 == 0 and (expand == 2 or k % block_k == 0)
+    return triton is not None and n % block_n == 0 and k % 8 == 0 and (expand in (2, 3) or k % block_k == 0)
 
 
 def sparse24_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, block_n: int = 32,
                 block_k: int = 256, num_warps: int = 4, num_stages: int = 3, expand: int = 0) -> torch.Tensor:
     """``x @ W.T`` for 2-D ``x`` (T, K) and a compressed W (N, K): the Triton kernel on CUDA, torch elsewhere."""
     n, k = values.shape[0], values.shape[1] * 2
-    if x.device.type != "cuda" or not kernel_ok(n, k, block_n, block_k, expand):
+    if (x.device.type != "cuda" or not kernel_ok(n, k, block_n, block_k, expand)
+            or (expand == 3 and values.element_size() != 2)):  # the word kernel packs two 16-bit values
         return x @ decompress_24(values, meta).T
     t = x.shape[0]
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    if expand == 2:  # CUDA-core decode kernel: all tokens (up to 16) per weight read
+    if expand in (2, 3):  # CUDA-core decode kernels: all tokens (up to 16) per weight read
         block_t = 1 if t == 1 else (2 if t == 2 else (4 if t <= 4 else (8 if t <= 8 else 16)))
-        _sp24_gemv_kernel[(n // block_n, triton.cdiv(t, block_t))](
+        kernel = _sp24_words_kernel if expand == 3 else _sp24_gemv_kernel
+        kernel[(n // block_n, triton.cdiv(t, block_t))](
             x, values, meta, y, t, n, k, x.stride(0), y.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
             BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=num_warps, num_stages=num_stages)
         return y

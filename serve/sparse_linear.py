@@ -1,14 +1,15 @@
 """The 2:4 sparse linear runtime: each targeted ``nn.Linear`` picks, per token count, the fastest measured path.
 
-Paths: ``sparse`` (maskpro's Triton kernel on the compressed weights, :mod:`maskpro.serve.sparse24`) and
-``dense`` (cuBLAS on the masked dense weight). Decode (few tokens) is memory-bound and the compressed weights
-are 56% of the bytes, so the kernel wins there; prefill is compute-bound, where PyTorch's cuSPARSELt path
-measured 0.13x-0.76x of dense on Hopper (see ``benchmarks/results/kernels-h100.json``), so the runtime keeps
-the dense weight for it unless ``keep_dense=False`` (then the kernel serves every token count and the layer
-holds only 56% of the dense bytes).
+Paths: ``sparse`` (maskpro's Triton kernels on the compressed weights, :mod:`maskpro.serve.sparse24`),
+``semi`` (PyTorch's semi-structured 2:4 tensor, cuSPARSELt on Hopper) and ``dense`` (cuBLAS on the masked
+dense weight). Decode (few tokens) is memory-bound and the compressed weights are 56% of the bytes, so the
+Triton kernel wins at 1-2 tokens; long prefill is compute-bound, where cuSPARSELt's sparse tensor cores win
+(1.2-1.5x at 2048-8192 tokens on an H100); in between dense usually wins (``benchmarks/results/kernels-h100.json``).
+With ``keep_dense=False`` the layer holds only the compressed weights and the Triton kernel serves every
+token count.
 
-The choice is made by timing both paths for each layer shape and token bucket once (``tune``), CUDA graphs
-aside, with the same inputs; on CPU every layer stays dense with the same API and outputs.
+The choice is made by timing every path for each layer shape and token bucket once, with the same inputs;
+on CPU every layer stays dense with the same API and outputs.
 """
 
 from __future__ import annotations
@@ -35,28 +36,33 @@ class KernelConfig:
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 3
-    expand: int = 0     # 0: tensor-core kernel (any token count); 2: CUDA-core decode kernel (up to 16 tokens)
+    expand: int = 0     # 0: tensor-core kernel (any token count); 2: CUDA-core decode kernel (up to 16 tokens);
+                        # 3: the decode kernel reading each group's two values as one 32-bit word
 
     def args(self) -> tuple[int, int, int, int, int]:
         return self.block_n, self.block_k, self.num_warps, self.num_stages, self.expand
 
 
-CANDIDATES = ([KernelConfig(bn, bk, w, s, 2) for bn in (4, 8, 16) for bk in (128, 256, 512, 1024) for w in (2, 4)
-               for s in (2, 4)]
+# Configs worth timing, pruned to those that won somewhere on an H100 (kernels-h100.json and the 2026-11-24
+# probe): each config is one Triton compile per token tile, so the list stays short.
+CANDIDATES = ([KernelConfig(bn, bk, w, 4, 3) for bn in (4, 8) for bk in (256, 1024) for w in (2, 4)]
+              + [KernelConfig(bn, bk, w, 4, 2) for bn in (4, 8, 16) for bk in (256, 1024) for w in (2, 4)]
+              + [KernelConfig(8, 512, 2, 2, 2)]
               + [KernelConfig(bn, 256, 4, 2, 0) for bn in (16, 64)])
 
 
 def candidates(n: int, k: int, tokens: int, configs: list[KernelConfig] | None = None) -> list[KernelConfig]:
     """The kernel configs that can run an (out n, in k) layer on ``tokens`` tokens."""
     return [c for c in configs or CANDIDATES
-            if sparse24.kernel_ok(n, k, c.block_n, c.block_k, c.expand) and not (c.expand == 2 and tokens > 16)]
+            if sparse24.kernel_ok(n, k, c.block_n, c.block_k, c.expand) and not (c.expand == 2 and tokens > 16)
+            and not (c.expand == 3 and tokens > 2)]  # the word kernel wins at 1 token; wider tiles spill
 
 
 @dataclass
 class ShapePlan:
     """What one (out, in) shape runs for each token bucket, with the timings that decided it."""
 
-    choice: dict[int, str] = field(default_factory=dict)                 # bucket -> "sparse" | "dense"
+    choice: dict[int, str] = field(default_factory=dict)                 # bucket -> "sparse" | "semi" | "dense"
     config: dict[int, KernelConfig] = field(default_factory=dict)        # bucket -> kernel config
     timings_us: dict[int, dict[str, float]] = field(default_factory=dict)
 
@@ -68,14 +74,25 @@ def _bucket(t: int) -> int:
     return TOKEN_BUCKETS[-1]
 
 
-def time_us(fn, iters: int = 50, warmup: int = 10) -> float:
-    """Median time of ``fn`` in microseconds with CUDA events (each call timed on its own)."""
+def _l2_flush_buffer() -> torch.Tensor:
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 50 * 2**20
+    return torch.empty(2 * l2, dtype=torch.int8, device="cuda")
+
+
+def time_us(fn, iters: int = 30, warmup: int = 5) -> float:
+    """Median time of ``fn`` in microseconds with CUDA events, each call with a cold L2 cache.
+
+    In a model every layer's weights stream from DRAM (hundreds of layers do not fit in L2), so a layer is
+    timed after overwriting twice the L2 size; timing it warm would favour whichever path fits in L2.
+    """
+    flush = _l2_flush_buffer()
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        flush.zero_()
         a.record()
         fn()
         b.record()
@@ -84,14 +101,35 @@ def time_us(fn, iters: int = 50, warmup: int = 10) -> float:
     return float(torch.tensor(times).median())
 
 
+def semi_structured(weight: torch.Tensor) -> torch.Tensor | None:
+    """PyTorch's 2:4 tensor (cuSPARSELt, else CUTLASS) for ``weight``, or None where this GPU/shape has none.
+
+    It pads the token dimension itself and caches its plan per shape; it wins at prefill sizes (1.2-1.5x dense
+    at 2048-8192 tokens on an H100, ``kernels-h100.json``) and loses at decode sizes, where the Triton kernel wins.
+    """
+    if weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        return torch.sparse.to_sparse_semi_structured(weight)
+    except (RuntimeError, ValueError, NotImplementedError) as e:  # unsupported GPU, shape or build
+        log.debug("no semi-structured 2:4 for %s: %s", tuple(weight.shape), e)
+        return None
+
+
 def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, buckets=TOKEN_BUCKETS,
-               configs: list[KernelConfig] | None = None, keep_dense: bool = True) -> ShapePlan:
-    """Time dense and every kernel config on this shape for each token bucket; keep the fastest."""
+               configs: list[KernelConfig] | None = None, keep_dense: bool = True,
+               semi: torch.Tensor | None = None) -> ShapePlan:
+    """Time dense, cuSPARSELt (``semi``) and every kernel config for each token bucket; keep the fastest."""
     plan = ShapePlan()
     n, k = weight.shape
     for t in buckets:
         x = torch.randn(t, k, dtype=weight.dtype, device=weight.device)
         timings = {"dense": time_us(lambda: torch.nn.functional.linear(x, weight))} if keep_dense else {}
+        if semi is not None:
+            try:
+                timings["semi"] = time_us(lambda: torch.nn.functional.linear(x, semi))
+            except RuntimeError as e:  # e.g. a token count the library rejects
+                log.debug("semi-structured 2:4 failed at %d tokens: %s", t, e)
         best = None
         for cfg in candidates(n, k, t, configs):
             try:
@@ -112,6 +150,7 @@ def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
 # The kernel config per token bucket that the decode kernel measured best on H100 (kernels-h100.json); used
 # where a layer has no measured plan (the vLLM plugin, whose CUDA-graph capture forbids timing).
 DEFAULT_DECODE = KernelConfig(4, 1024, 2, 4, 2)
+DEFAULT_SINGLE = KernelConfig(4, 1024, 4, 4, 3)  # 1-2 tokens: the word kernel (1.34x dense on 4096x4096)
 
 
 def sparse_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
@@ -119,7 +158,7 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bia
     """``x @ W.T + bias`` for a compressed 2:4 ``W`` with no timing: the decode kernel for up to 16 tokens
     when the shape allows it, else the dense product of the decompressed weight (what prefill wants)."""
     x2 = x.reshape(-1, in_features)
-    cfg = DEFAULT_DECODE
+    cfg = DEFAULT_SINGLE if x2.shape[0] <= 2 else DEFAULT_DECODE
     if x2.device.type == "cuda" and x2.shape[0] <= 16 and sparse24.kernel_ok(out_features, in_features,
                                                                                cfg.block_n, cfg.block_k, cfg.expand):
         y = sparse24.sparse24_mm(x2.contiguous(), values, meta, *cfg.args())
@@ -134,8 +173,9 @@ class SparseLinear(nn.Module):
     """A 2:4 linear layer: compressed weights for the kernel, and the dense weight where dense is faster."""
 
     def __init__(self, linear: nn.Linear, plan: ShapePlan | None = None, keep_dense: bool = True,
-                 compressed: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 compressed: tuple[torch.Tensor, torch.Tensor] | None = None, semi: torch.Tensor | None = None):
         super().__init__()
+        self.semi = semi  # cuSPARSELt's 2:4 weight, kept only where the plan picks it (prefill)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         values, meta = compressed if compressed is not None else compress_24(linear.weight.data)
         self.register_buffer("values", values, persistent=False)
@@ -148,7 +188,10 @@ class SparseLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         b = _bucket(x2.shape[0])
-        if self.weight is not None and (self.plan.choice.get(b, "dense") == "dense" or x2.device.type != "cuda"):
+        choice = self.plan.choice.get(b, "dense") if x2.device.type == "cuda" else "dense"
+        if choice == "semi" and self.semi is not None:
+            y = torch.nn.functional.linear(x2, self.semi)
+        elif self.weight is not None and choice != "sparse":
             y = torch.nn.functional.linear(x2, self.weight)
         else:
             cfg = self.plan.config.get(b, KernelConfig())
@@ -158,11 +201,12 @@ class SparseLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, 2:4, dense={'kept' if self.weight is not None else 'dropped'}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, 2:4, "
+                f"dense={'kept' if self.weight is not None else 'dropped'}, cusparselt={self.semi is not None}")
 
 
 def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: bool = True, tune: bool = True,
-             buckets=TOKEN_BUCKETS) -> dict:
+             buckets=TOKEN_BUCKETS, cusparselt: bool = True) -> dict:
     """Swap the targeted 2:4 linears of ``model`` for :class:`SparseLinear`; returns a report.
 
     ``targets`` defaults to the layers in the checkpoint's ``maskpro.json`` when the model was loaded from one
@@ -174,6 +218,7 @@ def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: 
         return {"backend": "dense", "reason": f"{why}: dense masked weights (same outputs)", "layers": 0}
     if targets is None:
         targets = _targets_from_checkpoint(model)
+    semi_ok = cusparselt and keep_dense  # without the dense weight the layer keeps only the compressed bytes
     modules = dict(model.named_modules())
     plans: dict[tuple[int, int], ShapePlan] = {}
     swapped = []
@@ -187,13 +232,17 @@ def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: 
         values, meta = compress_24(w)
         key = tuple(w.shape)
         if tune and key not in plans:
-            plans[key] = plan_shape(w, values, meta, buckets, keep_dense=keep_dense)
+            plans[key] = plan_shape(w, values, meta, buckets, keep_dense=keep_dense,
+                                    semi=semi_structured(w) if semi_ok else None)
             log.info("plan %s: %s", key, plans[key].choice)
+        # cuSPARSELt's copy of the weights is held only where it is the fastest path for some bucket.
+        semi = semi_structured(w) if semi_ok and key in plans and "semi" in plans[key].choice.values() else None
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child,
-                SparseLinear(lin, plans.get(key), keep_dense=keep_dense, compressed=(values, meta)))
+                SparseLinear(lin, plans.get(key), keep_dense=keep_dense, compressed=(values, meta), semi=semi))
         swapped.append(name)
     return {"backend": "sparse24-triton", "layers": len(swapped), "keep_dense": keep_dense,
+            "cusparselt_layers": sum(m.semi is not None for m in model.modules() if isinstance(m, SparseLinear)),
             "plans": {f"{k[1]}x{k[0]}": {"choice": p.choice, "timings_us": p.timings_us} for k, p in plans.items()}}
 
 
@@ -202,5 +251,8 @@ def _targets_from_checkpoint(model: nn.Module) -> list[str] | None:
 
     from maskpro.artifacts import METADATA, read_metadata
 
-    path = Path(getattr(model.config, "_name_or_path", "") or ".")
+    source = getattr(getattr(model, "config", None), "_name_or_path", "")  # plain torch modules have no config
+    if not source:
+        return None  # every 2:4 linear is a target
+    path = Path(source)
     return read_metadata(path)["targets"] if (path / METADATA).is_file() else None

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from maskpro.bench import cli
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -19,4 +21,32 @@ def test_generate_harness_writes_dense_and_sparse(tmp_path):
     for key in ("decode_tokens_per_s", "ttft_ms"):
         assert set(r[key]) == {"dense", "sparse"} and all(v > 0 for v in r[key].values())
     assert r["runtime"]["backend"] == "dense"  # CPU: no kernels swapped, same API
-    assert r["env"]["command"].startswith("generate.py")
+    assert r["env"]["command"].startswith("python -m benchmarks.generate --prompt 16")
+
+
+def test_generate_sweeps_batch_sizes_and_prompts(tmp_path):
+    out = tmp_path / "generate-sweep.json"
+    assert cli.main(["generate", "--batch-sizes", "1", "3", "--prompts", "8", "24", "--new", "3", "--reps", "2",
+                     "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [(row["batch"], row["prompt_tokens"]) for row in r["rows"]] == [(1, 8), (1, 24), (3, 8), (3, 24)]
+    first = r["rows"][0]
+    assert r["ttft_ms"] == {"dense": first["dense"]["ttft_ms"], "sparse": first["sparse"]["ttft_ms"]}
+    assert r["decode_tokens_per_s"]["dense"] == first["dense"]["decode_tokens_per_s"]
+    for row in r["rows"]:
+        for path in ("dense", "sparse"):  # both measured in this process
+            m = row[path]
+            assert m["ttft_ms"] > 0 and m["ms_per_token"] > 0 and m["peak_rss_mib"] > 0
+            assert m["decode_tokens_per_s"] == row["batch"] * 1000 / m["ms_per_token"]
+        assert row["decode_speedup"] == row["sparse"]["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"]
+        assert isinstance(row["trusted"], bool)
+    assert r["env"]["command"].startswith("maskpro-bench generate")
+    assert out.with_suffix(".png").is_file()
+
+
+def test_generate_loads_a_model_folder(tiny_model_dir, tmp_path):
+    out = tmp_path / "generate-folder.json"
+    assert cli.main(["generate", "--model", str(tiny_model_dir), "--prompts", "8", "--new", "2", "--reps", "2",
+                     "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert str(tiny_model_dir) in r["model"] and r["rows"][0]["dense"]["ttft_ms"] > 0

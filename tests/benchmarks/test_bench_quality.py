@@ -1,0 +1,22 @@
+"""The quality benchmark's --quick settings run every stage (prune, learn, perplexity, zero-shot) fast."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from maskpro.bench import cli
+
+
+def test_quality_quick_on_tiny_model(tiny_model_dir, data_root, tmp_path):
+    out = tmp_path / "quality-quick.json"
+    assert cli.main(["quality", "--model", str(tiny_model_dir), "--quick", "--methods", "dense", "maskpro",
+                     "--zeroshot", "piqa", "--zs-limit", "8", "--data-dir", str(data_root), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["quick"] is True and r["ppl_seq_len"] == 128 and set(r["methods"]) == {"dense", "maskpro"}
+    for name, m in r["methods"].items():
+        assert math.isfinite(m["wikitext2_ppl"]) and math.isfinite(m["c4_ppl"])
+        assert m["zeroshot"]["piqa"]["n"] == 8
+        assert r["env"][name]["command"].startswith("maskpro-bench quality")
+    assert r["methods"]["maskpro"]["info"]["learner"]["steps"] == 5  # the quick preset
+    assert out.with_suffix(".png").is_file()
