@@ -215,7 +215,7 @@ def run(a: argparse.Namespace) -> Path:
            "backend": "maskpro torch runtime", "batch": first["batch"], "prompt_tokens": first["prompt_tokens"],
            "new_tokens": a.new, "batch_sizes": a.batch_sizes, "prompt_lengths": a.prompts,
            "max_spread": a.max_spread, "rows": rows,
-           "runtime": {k: v for k, v in report.items() if k != "plans"}, "env": env}
+           "runtime": report, "env": env}
     if "error" not in first["dense"] and "error" not in first["sparse"]:
         d, s = first["dense"], first["sparse"]
         out.update(decode_tokens_per_s={"dense": d["decode_tokens_per_s"], "sparse": s["decode_tokens_per_s"]},

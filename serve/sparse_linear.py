@@ -112,7 +112,7 @@ def semi_structured(weight: torch.Tensor) -> torch.Tensor | None:
     try:
         return torch.sparse.to_sparse_semi_structured(weight)
     except (RuntimeError, ValueError, NotImplementedError) as e:  # unsupported GPU, shape or build
-        log.debug("no semi-structured 2:4 for %s: %s", tuple(weight.shape), e)
+        log.warning("no cuSPARSELt 2:4 for shape %s (prefill stays dense): %s", tuple(weight.shape), e)
         return None
 
 
@@ -129,7 +129,7 @@ def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
             try:
                 timings["semi"] = time_us(lambda: torch.nn.functional.linear(x, semi))
             except RuntimeError as e:  # e.g. a token count the library rejects
-                log.debug("semi-structured 2:4 failed at %d tokens: %s", t, e)
+                log.warning("cuSPARSELt 2:4 failed at %d tokens (not a candidate there): %s", t, e)
         best = None
         for cfg in candidates(n, k, t, configs):
             try:
