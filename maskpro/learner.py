@@ -307,9 +307,8 @@ class MaskProLearner:
         live = [m.weight.data for m in self.modules]
         for m, w in zip(self.modules, weights):
             m.weight.data = w
-        bs = self.bs
-        out = [torch.softmax(self.model(input_ids=self.batches[b * bs:(b + 1) * bs], use_cache=False).logits.float(),
-                             -1).to(weights[0].dtype) for b in range(self.n_batches)]
+        out = [torch.softmax(self.model(input_ids=self.batch(b), use_cache=False).logits.float(), -1).to(weights[0].dtype)
+               for b in range(self.n_batches)]
         for m, w in zip(self.modules, live):
             m.weight.data = w
         return torch.cat(out)

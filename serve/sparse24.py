@@ -5,8 +5,9 @@ each group of 4 in order; ``meta`` (N, K/8) uint8 holds 4 bits per group (two gr
 first): bits 0-1 the position of the first kept value, bits 2-3 the second. That is 1.125 bytes per dense
 fp16 pair, 56% of the dense bytes, which is the most a memory-bound decode GEMM can gain (1.78x).
 
-The kernel loads ``values``/``meta`` tiles, expands them to a dense tile in registers, and multiplies on the
-tensor cores with the (padded) token tile: decode reads 56% of the bytes dense cuBLAS reads. Pure torch
+Three Triton kernels read ``values``/``meta`` as stored, so decode reads 56% of the bytes dense cuBLAS reads:
+two CUDA-core decode kernels (up to 16 tokens; the word kernel loads each group's pair as one 32-bit word)
+and a tensor-core kernel that expands a tile in registers for ``tl.dot``. Pure torch
 ``compress_24``/``decompress_24`` are the reference and the CPU path.
 """
 

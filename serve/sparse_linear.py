@@ -79,13 +79,14 @@ def _l2_flush_buffer() -> torch.Tensor:
     return torch.empty(2 * l2, dtype=torch.int8, device="cuda")
 
 
-def time_us(fn, iters: int = 30, warmup: int = 5) -> float:
+def time_us(fn, iters: int = 30, warmup: int = 5, flush: torch.Tensor | None = None) -> float:
     """Median time of ``fn`` in microseconds with CUDA events, each call with a cold L2 cache.
 
     In a model every layer's weights stream from DRAM (hundreds of layers do not fit in L2), so a layer is
     timed after overwriting twice the L2 size; timing it warm would favour whichever path fits in L2.
+    ``flush`` is that scratch buffer, passed in when many timings share it.
     """
-    flush = _l2_flush_buffer()
+    flush = _l2_flush_buffer() if flush is None else flush
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -122,18 +123,19 @@ def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     """Time dense, cuSPARSELt (``semi``) and every kernel config for each token bucket; keep the fastest."""
     plan = ShapePlan()
     n, k = weight.shape
+    flush = _l2_flush_buffer()
     for t in buckets:
         x = torch.randn(t, k, dtype=weight.dtype, device=weight.device)
-        timings = {"dense": time_us(lambda: torch.nn.functional.linear(x, weight))} if keep_dense else {}
+        timings = {"dense": time_us(lambda: torch.nn.functional.linear(x, weight), flush=flush)} if keep_dense else {}
         if semi is not None:
             try:
-                timings["semi"] = time_us(lambda: torch.nn.functional.linear(x, semi))
+                timings["semi"] = time_us(lambda: torch.nn.functional.linear(x, semi), flush=flush)
             except RuntimeError as e:  # e.g. a token count the library rejects
                 log.warning("cuSPARSELt 2:4 failed at %d tokens (not a candidate there): %s", t, e)
         best = None
         for cfg in candidates(n, k, t, configs):
             try:
-                us = time_us(lambda: sparse24.sparse24_mm(x, values, meta, *cfg.args()))
+                us = time_us(lambda: sparse24.sparse24_mm(x, values, meta, *cfg.args()), flush=flush)
             except Exception as e:  # noqa: BLE001 - a config this Triton build cannot compile is skipped
                 log.debug("kernel config %s failed: %s", cfg, e)
                 continue
@@ -231,12 +233,16 @@ def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: 
             continue  # not 2:4: stays dense
         values, meta = compress_24(w)
         key = tuple(w.shape)
+        semi = None
         if tune and key not in plans:
-            plans[key] = plan_shape(w, values, meta, buckets, keep_dense=keep_dense,
-                                    semi=semi_structured(w) if semi_ok else None)
+            semi = semi_structured(w) if semi_ok else None
+            plans[key] = plan_shape(w, values, meta, buckets, keep_dense=keep_dense, semi=semi)
             log.info("plan %s: %s", key, plans[key].choice)
         # cuSPARSELt's copy of the weights is held only where it is the fastest path for some bucket.
-        semi = semi_structured(w) if semi_ok and key in plans and "semi" in plans[key].choice.values() else None
+        if not (semi_ok and key in plans and "semi" in plans[key].choice.values()):
+            semi = None
+        elif semi is None:  # a later layer of an already planned shape
+            semi = semi_structured(w)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child,
                 SparseLinear(lin, plans.get(key), keep_dense=keep_dense, compressed=(values, meta), semi=semi))
