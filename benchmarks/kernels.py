@@ -8,9 +8,9 @@ Shape ``KxN`` is in_features x out_features (``y = x @ W.T``, W is N x K). Every
 the weights, rotated so that the bytes touched exceed 3x the L2 cache (no call finds its weights in L2).
 
 - GPU: each path is captured in a CUDA graph of many calls and the replay is timed with CUDA events after
-  warm-up (plain CUDA events where a path cannot be captured). Paths: dense cuBLAS, maskpro's Triton 2:4
-  kernel (best of its configs, what the runtime can pick) and PyTorch's semi-structured 2:4
-  (cuSPARSELt/CUTLASS).
+  warm-up (plain CUDA events where a path cannot be captured). Paths: dense cuBLAS, maskpro's ``mma.sp``
+  tensor-core kernel (1-64 tokens) and Triton 2:4 kernels (best of their configs, what the runtime can pick)
+  and PyTorch's semi-structured 2:4 (cuSPARSELt/CUTLASS).
 - CPU: ``time.perf_counter`` over the same rotation. Paths: dense torch and the 2:4 reference (decompress,
   then matmul, which is what ``maskpro.serve.sparse24`` does without a GPU). The numbers only check the
   harness; they say nothing about GPUs.
@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maskpro.errors import MaskproError
-from maskpro.serve import sparse24
+from maskpro.serve import sparse24, sparse_mma
 from maskpro.serve.sparse_linear import candidates
 
 from . import configs, stats
@@ -43,7 +43,7 @@ GPU = {"tokens": [1, 4, 16, 64, 256, 512, 2048, 8192], "dtype": "fp16", "reps": 
 CPU = {"tokens": [1, 4, 16, 64], "dtype": "fp32", "reps": 20, "config": "tiny"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_COPIES_CPU = 64
-RUNTIME_PATHS = ("sparse24-triton", "torch-semi-structured")  # the paths maskpro.serve.sparse_linear chooses from
+RUNTIME_PATHS = ("sparse24-mma", "sparse24-triton", "torch-semi-structured")  # the paths maskpro.serve.sparse_linear chooses from
 METHOD = ("Each path runs over weight copies rotated to exceed 3x L2; GPU: CUDA-graph replay timed with CUDA events "
           "after warm-up; CPU: perf_counter. Median and p10/p90 of --reps repetitions, dense and 2:4 in one process.")
 
@@ -72,8 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default fp16 on GPU, fp32 on CPU")
     p.add_argument("--reps", type=positive_int, default=None, help="timed repetitions per path (default 30 GPU, "
                                                                     "20 CPU)")
-    p.add_argument("--paths", nargs="+", default=None, choices=["triton", "semi-structured", "reference"],
-                   help="2:4 paths to time (default GPU: triton semi-structured; CPU: reference)")
+    p.add_argument("--paths", nargs="+", default=None, choices=["mma", "triton", "semi-structured", "reference"],
+                   help="2:4 paths to time (default GPU: mma triton semi-structured; CPU: reference)")
     p.add_argument("--max-spread", type=float, default=stats.MAX_SPREAD,
                    help="flag a row as not trusted when (p90-p10)/median of any path exceeds this")
     p.add_argument("--tag", default=None, help="results name kernels-<tag>.json (default: the device, e.g. h100)")
@@ -186,8 +186,12 @@ def _summary(times: list[float]) -> dict:
             "spread": round(s["spread"], 4)}
 
 
-def sparse_paths(names: list[str], ws: list[torch.Tensor], comp, xs, n: int, k: int, t: int):
+def sparse_paths(names: list[str], ws: list[torch.Tensor], comp, xs, n: int, k: int, t: int, lay=None):
     """Yield (path name, closures, extra row fields) for each 2:4 path that can run this shape."""
+    if "mma" in names and lay:
+        for cfg in sparse_mma.candidates(n, k, t):  # none past 64 tokens, where prefill is compute-bound
+            yield "sparse24-mma", [lambda L=L, x=xs[i % 2], c=cfg: sparse_mma.sparse_mma_mm(x, *L, n, c)
+                                   for i, L in enumerate(lay)], {"config": vars(cfg)}
     if "reference" in names:
         yield "sparse24-reference", [lambda v=v, m=m, x=xs[i % 2]: x @ sparse24.decompress_24(v, m).T
                                      for i, (v, m) in enumerate(comp)], {}
@@ -221,6 +225,8 @@ def measure_shape(shape: str, layers: list[str], tokens: list[int], a: argparse.
         copies = min(copies, MAX_COPIES_CPU)
     ws = make_weights(k, n, copies, dtype, device)
     comp = [sparse24.compress_24(w) for w in ws]
+    lay = ([sparse_mma.mma_layout(v, m) for v, m in comp]
+           if "mma" in a.paths and sparse_mma.available() and sparse_mma.mma_ok(n, k) else None)
     for t in tokens:
         xs = [torch.randn(t, k, device=device, dtype=dtype) for _ in range(2)]
         dense_calls = [lambda w=w, x=xs[i % 2]: torch.nn.functional.linear(x, w) for i, w in enumerate(ws)]
@@ -228,7 +234,7 @@ def measure_shape(shape: str, layers: list[str], tokens: list[int], a: argparse.
         dense = _summary(times)
         paths: dict[str, dict] = {}
         y_dense = dense_calls[0]().float()
-        for name, calls, extra in sparse_paths(a.paths, ws, comp, xs, n, k, t):
+        for name, calls, extra in sparse_paths(a.paths, ws, comp, xs, n, k, t, lay):
             if calls is None:
                 paths.setdefault(name, extra)
                 continue
@@ -262,7 +268,7 @@ def measure_shape(shape: str, layers: list[str], tokens: list[int], a: argparse.
             stats.warn_untrusted(f"{shape} @ {t} tokens", spreads, a.max_spread)
         print({k2: v for k2, v in row.items() if k2 not in ("paths", "layers")}, flush=True)
         write(row)
-    del ws, comp
+    del ws, comp, lay
     if cuda:
         torch.cuda.empty_cache()
 
@@ -272,7 +278,7 @@ def run(a: argparse.Namespace) -> Path:
     device = "cuda" if cuda else "cpu"
     explicit_config = bool(a.config or a.model)
     fill_defaults(a, GPU if cuda else CPU)
-    fill_defaults(a, {"paths": ["triton", "semi-structured"] if cuda else ["reference"]})
+    fill_defaults(a, {"paths": ["mma", "triton", "semi-structured"] if cuda else ["reference"]})
     if not cuda and a.paths != ["reference"]:
         raise MaskproError(f"--paths {' '.join(a.paths)} need a CUDA GPU; on CPU only 'reference' runs")
     source, shapes = parse_shapes(a, explicit_config)

@@ -1,12 +1,14 @@
 """The 2:4 sparse linear runtime: each targeted ``nn.Linear`` picks, per token count, the fastest measured path.
 
-Paths: ``sparse`` (maskpro's Triton kernels on the compressed weights, :mod:`maskpro.serve.sparse24`),
-``semi`` (PyTorch's semi-structured 2:4 tensor, cuSPARSELt on Hopper) and ``dense`` (cuBLAS on the masked
-dense weight). Decode (few tokens) is memory-bound and the compressed weights are 56% of the bytes, so the
-Triton kernel wins at 1-2 tokens; long prefill is compute-bound, where cuSPARSELt's sparse tensor cores win
-(1.2-1.5x at 2048-8192 tokens on an H100); in between dense usually wins (``benchmarks/results/kernels-h100.json``).
-With ``keep_dense=False`` the layer holds only the compressed weights and the Triton kernel serves every
-token count.
+Paths: ``mma`` (maskpro's ``mma.sp`` tensor-core kernel on fragment-ordered compressed weights,
+:mod:`maskpro.serve.sparse_mma`), ``sparse`` (maskpro's Triton kernels on the compressed weights,
+:mod:`maskpro.serve.sparse24`), ``semi`` (PyTorch's semi-structured 2:4 tensor, cuSPARSELt on Hopper) and
+``dense`` (cuBLAS on the masked dense weight). Decode (few tokens) is memory-bound and the compressed weights
+are 56% of the bytes, so a 2:4 kernel wins at 1-16 tokens (mma.sp, or the Triton word kernel at 1 token);
+long prefill is compute-bound, where cuSPARSELt's sparse tensor cores win (1.2-1.6x at 2048-8192 tokens on an
+H100); in between dense usually wins
+(``benchmarks/results/kernels-h100.json``). With ``keep_dense=False`` the layer holds only compressed weights
+and the 2:4 kernels serve every token count.
 
 The choice is made by timing every path for each layer shape and token bucket once, with the same inputs;
 on CPU every layer stays dense with the same API and outputs.
@@ -14,6 +16,7 @@ on CPU every layer stays dense with the same API and outputs.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -22,7 +25,8 @@ from torch import nn
 
 from maskpro.nm import violations
 
-from . import sparse24
+from . import sparse24, sparse_mma
+from .sparse_mma import MmaConfig
 from .sparse24 import compress_24, decompress_24  # noqa: F401 - the runtime's public kernel API
 
 log = logging.getLogger(__name__)
@@ -62,8 +66,8 @@ def candidates(n: int, k: int, tokens: int, configs: list[KernelConfig] | None =
 class ShapePlan:
     """What one (out, in) shape runs for each token bucket, with the timings that decided it."""
 
-    choice: dict[int, str] = field(default_factory=dict)                 # bucket -> "sparse" | "semi" | "dense"
-    config: dict[int, KernelConfig] = field(default_factory=dict)        # bucket -> kernel config
+    choice: dict[int, str] = field(default_factory=dict)          # bucket -> "mma" | "sparse" | "semi" | "dense"
+    config: dict[int, KernelConfig | MmaConfig] = field(default_factory=dict)  # bucket -> kernel config
     timings_us: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
@@ -79,12 +83,17 @@ def _l2_flush_buffer() -> torch.Tensor:
     return torch.empty(2 * l2, dtype=torch.int8, device="cuda")
 
 
-def time_us(fn, iters: int = 30, warmup: int = 5, flush: torch.Tensor | None = None) -> float:
+def time_us(fn, iters: int = 30, warmup: int = 5, flush: torch.Tensor | None = None,
+            device_only: bool = False) -> float:
     """Median time of ``fn`` in microseconds with CUDA events, each call with a cold L2 cache.
 
     In a model every layer's weights stream from DRAM (hundreds of layers do not fit in L2), so a layer is
     timed after overwriting twice the L2 size; timing it warm would favour whichever path fits in L2.
-    ``flush`` is that scratch buffer, passed in when many timings share it.
+    ``flush`` is that scratch buffer, passed in when many timings share it. ``device_only`` keeps the GPU
+    busy while the host enqueues the call, so launch overhead on the host is not counted: the cost inside a
+    CUDA-graph decode step. Eager timing charges each path its host overhead, which an eager caller pays.
+    (A CUDA graph captured per timing was tried first: after those captures, eager prefill spent 1.5x longer on
+    the host in a probe on an H100.)
     """
     flush = _l2_flush_buffer() if flush is None else flush
     for _ in range(warmup):
@@ -93,6 +102,8 @@ def time_us(fn, iters: int = 30, warmup: int = 5, flush: torch.Tensor | None = N
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if device_only:
+            torch.cuda._sleep(HOST_HIDING_CYCLES)
         flush.zero_()
         a.record()
         fn()
@@ -100,6 +111,9 @@ def time_us(fn, iters: int = 30, warmup: int = 5, flush: torch.Tensor | None = N
         b.synchronize()
         times.append(a.elapsed_time(b) * 1000)
     return float(torch.tensor(times).median())
+
+
+HOST_HIDING_CYCLES = 2_000_000  # about 1 ms of GPU spin: longer than any path's host-side launch
 
 
 def semi_structured(weight: torch.Tensor) -> torch.Tensor | None:
@@ -119,23 +133,27 @@ def semi_structured(weight: torch.Tensor) -> torch.Tensor | None:
 
 def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, buckets=TOKEN_BUCKETS,
                configs: list[KernelConfig] | None = None, keep_dense: bool = True,
-               semi: torch.Tensor | None = None) -> ShapePlan:
-    """Time dense, cuSPARSELt (``semi``) and every kernel config for each token bucket; keep the fastest."""
+               semi: torch.Tensor | None = None, mma: tuple[torch.Tensor, torch.Tensor] | None = None,
+               graph_buckets=()) -> ShapePlan:
+    """Time dense, cuSPARSELt (``semi``), the mma.sp kernel (``mma``: its layout) and every Triton config for
+    each token bucket; keep the fastest. Buckets in ``graph_buckets`` run inside CUDA graphs (a captured
+    decode step) and are timed on the device alone; the others eagerly, host overhead included."""
     plan = ShapePlan()
     n, k = weight.shape
     flush = _l2_flush_buffer()
     for t in buckets:
         x = torch.randn(t, k, dtype=weight.dtype, device=weight.device)
-        timings = {"dense": time_us(lambda: torch.nn.functional.linear(x, weight), flush=flush)} if keep_dense else {}
-        if semi is not None:
+        timer = functools.partial(time_us, device_only=t in graph_buckets)
+        timings = {"dense": timer(lambda: torch.nn.functional.linear(x, weight), flush=flush)} if keep_dense else {}
+        if semi is not None and not (t in graph_buckets and t <= sparse_mma.MAX_TOKENS):  # never wins at decode
             try:
-                timings["semi"] = time_us(lambda: torch.nn.functional.linear(x, semi), flush=flush)
+                timings["semi"] = timer(lambda: torch.nn.functional.linear(x, semi), flush=flush)
             except RuntimeError as e:  # e.g. a token count the library rejects
                 log.warning("cuSPARSELt 2:4 failed at %d tokens (not a candidate there): %s", t, e)
         best = None
         for cfg in candidates(n, k, t, configs):
             try:
-                us = time_us(lambda: sparse24.sparse24_mm(x, values, meta, *cfg.args()), flush=flush)
+                us = timer(lambda: sparse24.sparse24_mm(x, values, meta, *cfg.args()), flush=flush)
             except Exception as e:  # noqa: BLE001 - a config this Triton build cannot compile is skipped
                 log.debug("kernel config %s failed: %s", cfg, e)
                 continue
@@ -143,9 +161,23 @@ def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
                 best = (us, cfg)
         if best is not None:
             timings["sparse"] = best[0]
-            plan.config[t] = best[1]
+        best_mma = None
+        for cfg in sparse_mma.candidates(n, k, t) if mma is not None else []:
+            try:
+                us = timer(lambda: sparse_mma.sparse_mma_mm(x, *mma, n, cfg), flush=flush)
+            except RuntimeError as e:  # e.g. NVRTC missing from this build: the other paths remain
+                log.warning("mma.sp kernel %s failed at %d tokens (not a candidate there): %s", cfg, t, e)
+                break
+            if best_mma is None or us < best_mma[0]:
+                best_mma = (us, cfg)
+        if best_mma is not None:
+            timings["mma"] = best_mma[0]
         plan.timings_us[t] = timings
         plan.choice[t] = min(timings, key=timings.get)
+        if plan.choice[t] in ("sparse", "mma"):
+            plan.config[t] = (best if plan.choice[t] == "sparse" else best_mma)[1]
+        elif best is not None:  # the Triton kernel is the fallback where the dense weight is dropped
+            plan.config[t] = best[1]
     return plan
 
 
@@ -175,16 +207,22 @@ class SparseLinear(nn.Module):
     """A 2:4 linear layer: compressed weights for the kernel, and the dense weight where dense is faster."""
 
     def __init__(self, linear: nn.Linear, plan: ShapePlan | None = None, keep_dense: bool = True,
-                 compressed: tuple[torch.Tensor, torch.Tensor] | None = None, semi: torch.Tensor | None = None):
+                 compressed: tuple[torch.Tensor, torch.Tensor] | None = None, semi: torch.Tensor | None = None,
+                 mma: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.semi = semi  # cuSPARSELt's 2:4 weight, kept only where the plan picks it (prefill)
+        self.mma = mma    # the mma.sp kernel's (tiles, positions), kept only where the plan picks it (decode)
+        if mma is not None:
+            sparse_mma.reserve(linear.out_features, mma[0].device)  # before any CUDA-graph capture
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.plan = plan or ShapePlan()
         values, meta = compressed if compressed is not None else compress_24(linear.weight.data)
+        if keep_dense and plan is not None and "sparse" not in plan.choice.values():
+            values = meta = None  # the Triton kernel's copy is needed only where it is picked (or no dense)
         self.register_buffer("values", values, persistent=False)
         self.register_buffer("meta", meta, persistent=False)
         self.weight = linear.weight if keep_dense else None
         self.bias = linear.bias
-        self.plan = plan or ShapePlan()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -193,10 +231,13 @@ class SparseLinear(nn.Module):
         choice = self.plan.choice.get(b, "dense") if x2.device.type == "cuda" else "dense"
         if choice == "semi" and self.semi is not None:
             y = torch.nn.functional.linear(x2, self.semi)
+        elif choice == "mma" and self.mma is not None and x2.shape[0] <= sparse_mma.MAX_TOKENS:
+            y = sparse_mma.sparse_mma_mm(x2, *self.mma, self.out_features, self.plan.config[b])
         elif self.weight is not None and choice != "sparse":
             y = torch.nn.functional.linear(x2, self.weight)
         else:
             cfg = self.plan.config.get(b, KernelConfig())
+            cfg = cfg if isinstance(cfg, KernelConfig) else KernelConfig()
             y = sparse24.sparse24_mm(x2.contiguous(), self.values, self.meta, *cfg.args())
         if self.bias is not None:
             y = y + self.bias
@@ -204,15 +245,17 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, 2:4, "
-                f"dense={'kept' if self.weight is not None else 'dropped'}, cusparselt={self.semi is not None}")
+                f"dense={'kept' if self.weight is not None else 'dropped'}, cusparselt={self.semi is not None}, "
+                f"mma={self.mma is not None}")
 
 
 def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: bool = True, tune: bool = True,
-             buckets=TOKEN_BUCKETS, cusparselt: bool = True) -> dict:
+             buckets=TOKEN_BUCKETS, cusparselt: bool = True, graph_buckets=()) -> dict:
     """Swap the targeted 2:4 linears of ``model`` for :class:`SparseLinear`; returns a report.
 
     ``targets`` defaults to the layers in the checkpoint's ``maskpro.json`` when the model was loaded from one
     (``model.config._name_or_path``), else every linear whose weight is 2:4. On CPU nothing is swapped.
+    ``graph_buckets``: the token buckets the caller runs inside CUDA graphs, planned by device time alone.
     """
     device = next(model.parameters()).device
     if device.type != "cuda" or sparse24.triton is None:
@@ -221,6 +264,7 @@ def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: 
     if targets is None:
         targets = _targets_from_checkpoint(model)
     semi_ok = cusparselt and keep_dense  # without the dense weight the layer keeps only the compressed bytes
+    mma_ok = sparse_mma.available()
     modules = dict(model.named_modules())
     plans: dict[tuple[int, int], ShapePlan] = {}
     swapped = []
@@ -234,10 +278,14 @@ def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: 
         values, meta = compress_24(w)
         key = tuple(w.shape)
         semi = None
+        mma = sparse_mma.mma_layout(values, meta) if mma_ok and sparse_mma.mma_ok(*key) else None
         if tune and key not in plans:
             semi = semi_structured(w) if semi_ok else None
-            plans[key] = plan_shape(w, values, meta, buckets, keep_dense=keep_dense, semi=semi)
+            plans[key] = plan_shape(w, values, meta, buckets, keep_dense=keep_dense, semi=semi, mma=mma,
+                                    graph_buckets=graph_buckets)
             log.info("plan %s: %s", key, plans[key].choice)
+        if key in plans and "mma" not in plans[key].choice.values():
+            mma = None  # the fragment-ordered copy is held only where the mma.sp kernel is the fastest path
         # cuSPARSELt's copy of the weights is held only where it is the fastest path for some bucket.
         if not (semi_ok and key in plans and "semi" in plans[key].choice.values()):
             semi = None
@@ -245,10 +293,12 @@ def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: 
             semi = semi_structured(w)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child,
-                SparseLinear(lin, plans.get(key), keep_dense=keep_dense, compressed=(values, meta), semi=semi))
+                SparseLinear(lin, plans.get(key), keep_dense=keep_dense, compressed=(values, meta), semi=semi,
+                             mma=mma))
         swapped.append(name)
     return {"backend": "sparse24-triton", "layers": len(swapped), "keep_dense": keep_dense,
             "cusparselt_layers": sum(m.semi is not None for m in model.modules() if isinstance(m, SparseLinear)),
+            "mma_layers": sum(m.mma is not None for m in model.modules() if isinstance(m, SparseLinear)),
             "plans": {f"{k[1]}x{k[0]}": {"choice": p.choice, "timings_us": p.timings_us} for k, p in plans.items()}}
 
 
