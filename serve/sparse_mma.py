@@ -221,7 +221,8 @@ def _kernel(cfg: MmaConfig, ntiles: int, dtype: torch.dtype, device: int, wide: 
 
 class _Launcher:
     """``cuLaunchKernel`` with its argument block built once: PyTorch's generic launcher rebuilds it with
-    ctypes on every call (tens of microseconds of host time, more than the kernel itself at decode)."""
+    ctypes on every call (eager plan timings through it read ~70 us a call on an H100, against ~12-30 us of
+    kernel time)."""
 
     def __init__(self, kernel) -> None:
         from torch.cuda._utils import _get_gpu_runtime_library
