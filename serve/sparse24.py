@@ -43,11 +43,16 @@ def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, meta
 
 
+def group_nibbles(meta: torch.Tensor) -> torch.Tensor:
+    """(N, K/4) int64: each group's 4 position bits from ``meta`` (first position in bits 0-1)."""
+    return torch.stack([meta & 15, meta >> 4], dim=-1).reshape(meta.shape[0], -1).to(torch.long)
+
+
 def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """The dense (N, K) weight back from ``compress_24``'s output (reference and CPU fallback)."""
     n, half = values.shape
     k = half * 2
-    nib = torch.stack([meta & 15, meta >> 4], dim=-1).reshape(n, k // 4).to(torch.long)
+    nib = group_nibbles(meta)
     idx = torch.stack([nib & 3, nib >> 2], dim=-1)                        # (n, k/4, 2)
     dense = torch.zeros(n, k // 4, 4, dtype=values.dtype, device=values.device)
     dense.scatter_(-1, idx, values.reshape(n, k // 4, 2))

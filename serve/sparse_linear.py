@@ -26,8 +26,8 @@ from torch import nn
 from maskpro.nm import violations
 
 from . import sparse24, sparse_mma
-from .sparse_mma import MmaConfig
 from .sparse24 import compress_24, decompress_24  # noqa: F401 - the runtime's public kernel API
+from .sparse_mma import MmaConfig
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +174,10 @@ def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
             timings["mma"] = best_mma[0]
         plan.timings_us[t] = timings
         plan.choice[t] = min(timings, key=timings.get)
-        if plan.choice[t] in ("sparse", "mma"):
-            plan.config[t] = (best if plan.choice[t] == "sparse" else best_mma)[1]
-        elif best is not None:  # the Triton kernel is the fallback where the dense weight is dropped
-            plan.config[t] = best[1]
+        # elsewhere the Triton config is the fallback where the dense weight is dropped
+        pick = best_mma if plan.choice[t] == "mma" else best
+        if pick is not None:
+            plan.config[t] = pick[1]
     return plan
 
 
@@ -231,7 +231,7 @@ class SparseLinear(nn.Module):
         choice = self.plan.choice.get(b, "dense") if x2.device.type == "cuda" else "dense"
         if choice == "semi" and self.semi is not None:
             y = torch.nn.functional.linear(x2, self.semi)
-        elif choice == "mma" and self.mma is not None and x2.shape[0] <= sparse_mma.MAX_TOKENS:
+        elif choice == "mma" and self.mma is not None:  # planned only for buckets of up to MAX_TOKENS
             y = sparse_mma.sparse_mma_mm(x2, *self.mma, self.out_features, self.plan.config[b])
         elif self.weight is not None and choice != "sparse":
             y = torch.nn.functional.linear(x2, self.weight)
@@ -264,7 +264,7 @@ def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: 
     if targets is None:
         targets = _targets_from_checkpoint(model)
     semi_ok = cusparselt and keep_dense  # without the dense weight the layer keeps only the compressed bytes
-    mma_ok = sparse_mma.available()
+    mma_here = tune and sparse_mma.available()  # without a plan the kernel is never picked
     modules = dict(model.named_modules())
     plans: dict[tuple[int, int], ShapePlan] = {}
     swapped = []
@@ -278,14 +278,16 @@ def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: 
         values, meta = compress_24(w)
         key = tuple(w.shape)
         semi = None
-        mma = sparse_mma.mma_layout(values, meta) if mma_ok and sparse_mma.mma_ok(*key) else None
+        # the fragment-ordered copy is built only where the mma.sp kernel can run and its plan may pick it
+        mma = (sparse_mma.mma_layout(values, meta) if mma_here and sparse_mma.mma_ok(*key)
+               and (key not in plans or "mma" in plans[key].choice.values()) else None)
         if tune and key not in plans:
             semi = semi_structured(w) if semi_ok else None
             plans[key] = plan_shape(w, values, meta, buckets, keep_dense=keep_dense, semi=semi, mma=mma,
                                     graph_buckets=graph_buckets)
             log.info("plan %s: %s", key, plans[key].choice)
         if key in plans and "mma" not in plans[key].choice.values():
-            mma = None  # the fragment-ordered copy is held only where the mma.sp kernel is the fastest path
+            mma = None  # held only where the mma.sp kernel is the fastest path
         # cuSPARSELt's copy of the weights is held only where it is the fastest path for some bucket.
         if not (semi_ok and key in plans and "semi" in plans[key].choice.values()):
             semi = None

@@ -24,14 +24,15 @@ import ctypes
 import logging
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
+from .sparse24 import group_nibbles
+
 log = logging.getLogger(__name__)
 
-MAX_TOKENS = 64
-WIDE = True  # eight 8-token MMAs per tile; past that prefill is compute-bound and cuBLAS/cuSPARSELt win
+MAX_TOKENS = 64  # eight 8-token MMAs per tile; past that prefill is compute-bound and cuBLAS/cuSPARSELt win
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,6 @@ class MmaConfig:
     warps: int = 8  # warps per block, splitting K
     split: int = 1  # blocks per row tile, splitting K further (the last one to finish adds up)
     unroll: int = 2
-
-    def label(self) -> str:
-        return f"mma r{self.rows} w{self.warps} s{self.split} u{self.unroll}"
 
 
 # Configs worth timing, pruned to those that won a shape/token count on an H100 (probe of 2026-11-24 over
@@ -63,7 +61,7 @@ def candidates(n: int, k: int, tokens: int) -> list[MmaConfig]:
     return [c for c in MMA_CANDIDATES if mma_ok(n, k, c)]
 
 
-def mma_layout(values: torch.Tensor, meta: torch.Tensor, wide: bool = WIDE) -> tuple[torch.Tensor, torch.Tensor]:
+def mma_layout(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The fragment-ordered copy of ``compress_24``'s (values, meta) for an (N, K) weight.
 
     Returns ``tiles`` (N/16, K/32, 32 lanes, 4) int32 (each int32 two 16-bit values) and ``positions``
@@ -74,11 +72,11 @@ def mma_layout(values: torch.Tensor, meta: torch.Tensor, wide: bool = WIDE) -> t
         raise ValueError(f"the mma.sp layout needs out % 16 == 0 and in % 128 == 0, got {n}x{k}")
     kt = k // 32
     pairs = values.contiguous().view(torch.int32)                       # (n, k/4): one group's two values
-    nib = torch.stack([meta & 15, meta >> 4], dim=-1).reshape(n, k // 4).to(torch.int64)
-    if wide:  # hardware group 2i + h of a tile takes group 4h + i, so a lane's inputs are 32 contiguous bytes
-        order = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7], device=values.device)
-        pairs = pairs.reshape(n, kt, 8)[:, :, order].reshape(n, k // 4)
-        nib = nib.reshape(n, kt, 8)[:, :, order].reshape(n, k // 4)
+    nib = group_nibbles(meta)
+    # hardware group 2i + h of a tile takes group 4h + i, so a lane's inputs are 32 contiguous bytes
+    order = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7], device=values.device)
+    pairs = pairs.reshape(n, kt, 8)[:, :, order].reshape(n, k // 4)
+    nib = nib.reshape(n, kt, 8)[:, :, order].reshape(n, k // 4)
     # (tile row, row half h, g, k tile, group half s, t) -> (tile row, k tile, g, t, s, h)
     tiles = pairs.reshape(n // 16, 2, 8, kt, 2, 4).permute(0, 3, 2, 5, 4, 1).reshape(n // 16, kt, 32, 4)
     # (tile row, h, g, k tile, lane pair t, group j) -> a 32-bit word per (tile row, g, k tile, t)
@@ -139,17 +137,11 @@ extern "C" __global__ void __launch_bounds__(32 * W) sp24_mma(
 #pragma unroll
       for (int n = 0; n < NT; n++) {
         const int tok = n * 8 + g;
-#if __WIDE__
         // one 32-byte read of the 4 groups this lane's half of the tile holds (see mma_layout's group order)
         const uint4* xp = (const uint4*)(x + (size_t)tok * K2 + (kg * 4 + j) * 16 + (t >> 1) * 8);
         const uint4 zero = {0u, 0u, 0u, 0u}, lo = tok < T ? xp[0] : zero, hi = tok < T ? xp[1] : zero;
         b[n][0] = (t & 1) ? lo.y : lo.x; b[n][1] = (t & 1) ? lo.w : lo.z;
         b[n][2] = (t & 1) ? hi.y : hi.x; b[n][3] = (t & 1) ? hi.w : hi.z;
-#else
-        const int kw = (kg * 4 + j) * 16 + t;
-#pragma unroll
-        for (int i = 0; i < 4; i++) b[n][i] = tok < T ? x[(size_t)tok * K2 + kw + 4 * i] : 0u;
-#endif
       }
 #pragma unroll
       for (int r = 0; r < R; r++) {
@@ -201,13 +193,13 @@ def _ntiles(tokens: int) -> int:
     return 1 if tokens <= 8 else (2 if tokens <= 16 else (4 if tokens <= 32 else 8))
 
 
-@lru_cache(maxsize=None)
-def _kernel(cfg: MmaConfig, ntiles: int, dtype: torch.dtype, device: int, wide: bool = WIDE):
+@cache
+def _kernel(cfg: MmaConfig, ntiles: int, dtype: torch.dtype, device: int):
     """The compiled kernel for one config, token tile count and dtype (NVRTC, cached per process)."""
     ty = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
     src = (_SOURCE.replace("__ROWS__", str(cfg.rows)).replace("__WARPS__", str(cfg.warps))
            .replace("__NTILES__", str(ntiles)).replace("__TY__", ty).replace("__SPLIT__", str(cfg.split))
-           .replace("__UNROLL__", str(cfg.unroll)).replace("__WIDE__", str(int(wide))))
+           .replace("__UNROLL__", str(cfg.unroll)))
     last = None
     # ``mma.sp::ordered_metadata`` is the form newer PTX asks for; plain ``mma.sp`` is its older spelling.
     for op in ("mma.sp::ordered_metadata", "mma.sp"):
@@ -281,7 +273,7 @@ def reserve(out_features: int, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def sparse_mma_mm(x: torch.Tensor, tiles: torch.Tensor, positions: torch.Tensor, out_features: int,
-                  cfg: MmaConfig = MmaConfig(), wide: bool = WIDE) -> torch.Tensor:
+                  cfg: MmaConfig = MmaConfig()) -> torch.Tensor:
     """``x @ W.T`` for 2-D fp16/bf16 ``x`` (T <= 64, K) on CUDA and W in :func:`mma_layout` order."""
     t, k = x.shape
     if t > MAX_TOKENS:
@@ -291,7 +283,7 @@ def sparse_mma_mm(x: torch.Tensor, tiles: torch.Tensor, positions: torch.Tensor,
         x = x.clone()
     y = torch.empty(t, out_features, dtype=x.dtype, device=x.device)
     ws, counters = reserve(out_features, x.device)
-    launch = _kernel(cfg, _ntiles(t), x.dtype, x.device.index or 0, wide)
+    launch = _kernel(cfg, _ntiles(t), x.dtype, x.device.index or 0)
     launch((out_features // (16 * cfg.rows), cfg.split), 32 * cfg.warps,
            [tiles.data_ptr(), positions.data_ptr(), x.data_ptr(), y.data_ptr(), ws.data_ptr(), counters.data_ptr()],
            [t, k, out_features])

@@ -2,10 +2,16 @@
 
 import pytest
 import torch
+from maskpro.serve import sparse24
+from maskpro.serve.sparse_mma import (
+    MMA_CANDIDATES,
+    MmaConfig,
+    mma_layout,
+    mma_ok,
+    sparse_mma_mm,
+)
 
 from maskpro.nm import NM, topn_mask
-from maskpro.serve import sparse24
-from maskpro.serve.sparse_mma import MMA_CANDIDATES, MmaConfig, mma_layout, mma_ok, sparse_mma_mm
 
 
 def _weight(n: int, k: int, dtype=torch.float16, device="cpu") -> torch.Tensor:
@@ -39,23 +45,22 @@ def _as_hardware_reads_it(tiles: torch.Tensor, positions: torch.Tensor, dtype) -
     return dense
 
 
-def _input_of_hardware_k(wide: bool) -> list[int]:
+def _input_of_hardware_k() -> list[int]:
     """The input index (within a 32-wide K tile) that the kernel loads for each hardware k of the B operand."""
     ks = []
     for p in range(32):                                           # B: reg i of lane (g, t) holds k = 2t + 8i (+1)
         i, t, j = p // 8, (p % 8) // 2, p % 2
-        word = 8 * (t >> 1) + 2 * i + (t & 1) if wide else t + 4 * i
+        word = 8 * (t >> 1) + 2 * i + (t & 1)                     # one 32-byte read per half-quad
         ks.append(2 * word + j)
     return ks
 
 
-@pytest.mark.parametrize("wide", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_layout_pairs_every_weight_with_its_input(dtype, wide):
+def test_layout_pairs_every_weight_with_its_input(dtype):
     w = _weight(32, 256, dtype)
-    tiles, positions = mma_layout(*sparse24.compress_24(w), wide=wide)
+    tiles, positions = mma_layout(*sparse24.compress_24(w))
     assert tiles.shape == (2, 8, 32, 4) and positions.shape == (2, 2, 16, 4)
-    ks = torch.tensor([32 * c + k for c in range(8) for k in _input_of_hardware_k(wide)])
+    ks = torch.tensor([32 * c + k for c in range(8) for k in _input_of_hardware_k()])
     assert sorted(ks.tolist()) == list(range(256))
     assert torch.equal(_as_hardware_reads_it(tiles, positions, dtype), w[:, ks])
 
