@@ -6,8 +6,10 @@
 
 Random weights at the model's real shapes (``--config``; speed does not depend on the values) or a model
 folder's weights (``--model``), every decoder linear pruned 2:4 by magnitude. The same model is measured
-twice in one process over every batch size and prompt length: dense (the masked dense weights on cuBLAS),
-then after ``sparsify`` (maskpro's runtime picks its 2:4 kernel or dense per shape and token count). Prefill
+in one process over every batch size and prompt length: dense (the masked dense weights on cuBLAS), then
+(``--dense-fused``, default on GPU) dense with q/k/v and gate/up fused into one product each as the 2:4 runtime
+does, then after ``sparsify`` (maskpro's runtime picks its 2:4 kernel or dense per shape and token count;
+q/k/v and gate/up fused). Speedups are given against both dense models. Prefill
 (TTFT) is one forward of the batch of prompts; decode runs one token per sequence per step on a static KV
 cache, captured in a CUDA graph where capture works (``decode_graph`` says which). CUDA events on GPU,
 perf_counter on CPU, median of ``--reps`` runs after warm-up; rows whose (p90-p10)/median exceeds
@@ -15,7 +17,8 @@ perf_counter on CPU, median of ``--reps`` runs after warm-up; rows whose (p90-p1
 GPU and the process's peak RSS on CPU. The backend is maskpro's PyTorch runtime; other engines are measured
 through their servers with ``maskpro-bench serve``.
 
-Top-level ``decode_tokens_per_s`` and ``ttft_ms`` ({"dense", "sparse"}) are those of the first batch size and
+Top-level ``decode_tokens_per_s`` and ``ttft_ms`` ({"dense", "sparse"}, and "dense_fused") are those of the
+first batch size and
 prompt length; ``rows`` holds the whole sweep. Writes ``generate-<tag>.json`` and a PNG.
 """
 
@@ -37,8 +40,9 @@ from .env import (add_output_args, device_tag, environment, fill_defaults, merge
 from .kernels import positive_int
 
 GPU = {"config": "llama2-7b", "batch_sizes": [1, 4, 16, 64], "prompts": [128, 512], "new": 128, "reps": 5,
-       "dtype": "fp16"}
-CPU = {"config": "tiny", "batch_sizes": [1], "prompts": [16], "new": 8, "reps": 3, "dtype": "fp32"}
+       "dtype": "fp16", "dense_fused": True}
+CPU = {"config": "tiny", "batch_sizes": [1], "prompts": [16], "new": 8, "reps": 3, "dtype": "fp32",
+       "dense_fused": False}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -56,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default fp16 on GPU; CPU runs fp32")
     p.add_argument("--max-spread", type=float, default=stats.MAX_SPREAD,
                    help="flag rows whose (p90-p10)/median exceeds this as not trusted")
+    p.add_argument("--dense-fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time the dense model with q/k/v and gate/up fused, as the 2:4 runtime runs them "
+                        "(default: on GPU)")
+    p.add_argument("--dense-after", action="store_true",
+                   help="time dense once more after the 2:4 sweep (the runtime forced to its kept dense weights, "
+                        "q/k/v and gate/up fused): separates drift over the run from the 2:4 runtime itself")
     p.add_argument("--tag", default=None, help="results name generate-<tag>.json (default: the device)")
     add_output_args(p, "generate-<tag>.json")
 
@@ -177,17 +187,21 @@ def sweep(model, a: argparse.Namespace, device: str, label: str) -> dict[tuple[i
     return out
 
 
-def rows_of(dense: dict, sparse: dict, max_spread: float) -> list[dict]:
-    """One row per (batch, prompt) with dense and 2:4 side by side, speedups and the spread flag."""
+def rows_of(dense: dict, sparse: dict, max_spread: float, fused: dict | None = None) -> list[dict]:
+    """One row per (batch, prompt) with dense (and dense fused) and 2:4 side by side, speedups, spread flag."""
     rows = []
     for (batch, prompt), d in dense.items():
-        s = sparse[batch, prompt]
-        row = {"batch": batch, "prompt_tokens": prompt, "dense": d, "sparse": s}
+        s, f = sparse[batch, prompt], (fused or {}).get((batch, prompt))
+        row = {"batch": batch, "prompt_tokens": prompt, "dense": d, "sparse": s, **({"dense_fused": f} if f else {})}
         if "error" not in d and "error" not in s:
-            spreads = {f"{path} {k}": v for path, m in (("dense", d), ("2:4", s)) for k, v in m["spread"].items()}
+            measured = (("dense", d), ("2:4", s)) + ((("dense fused", f),) if f and "error" not in f else ())
+            spreads = {f"{path} {k}": v for path, m in measured for k, v in m["spread"].items()}
             row.update(decode_speedup=s["decode_tokens_per_s"] / d["decode_tokens_per_s"],
                        ttft_speedup=d["ttft_ms"] / s["ttft_ms"], trusted=stats.trusted(*spreads.values(),
                                                                                        max_spread=max_spread))
+            if f and "error" not in f:
+                row.update(decode_speedup_vs_fused=s["decode_tokens_per_s"] / f["decode_tokens_per_s"],
+                           ttft_speedup_vs_fused=f["ttft_ms"] / s["ttft_ms"])
             if not row["trusted"]:
                 stats.warn_untrusted(f"batch {batch}, prompt {prompt}", spreads, max_spread)
         else:
@@ -203,14 +217,28 @@ def run(a: argparse.Namespace) -> Path:
     out_path = output_path(a, f"generate-{a.tag or device_tag()}.json")
     model, desc = build_model(a, device, dtype)
     dense = sweep(model, a, device, "dense")
+    from maskpro.serve.shared_input import fuse_all
     from maskpro.serve.sparse_linear import _bucket, sparsify
+
+    fused = None
+    if a.dense_fused:
+        fuse_all(model)
+        fused = sweep(model, a, device, "dense fused")
 
     tokens = {b for b in a.batch_sizes} | {b * p for b in a.batch_sizes for p in a.prompts}
     # decode steps run as CUDA graphs here, so their buckets are planned by device time, without host overhead
     report = sparsify(model, buckets=tuple(sorted({_bucket(t) for t in tokens})),
                       graph_buckets=tuple({_bucket(b) for b in a.batch_sizes}) if device == "cuda" else ())
     sparse = sweep(model, a, device, "2:4")
-    rows = rows_of(dense, sparse, a.max_spread)
+    after = None
+    if a.dense_after:
+        from maskpro.serve.sparse_linear import set_dense_only
+
+        set_dense_only(model)
+        after = sweep(model, a, device, "dense after")
+    rows = rows_of(dense, sparse, a.max_spread, fused)
+    for row in rows if after else ():
+        row["dense_after"] = after[row["batch"], row["prompt_tokens"]]
     first = rows[0]
     env = environment()
     out = {"device": env["device"], "model": desc, "dtype": str(dtype).removeprefix("torch."),
@@ -223,6 +251,11 @@ def run(a: argparse.Namespace) -> Path:
         out.update(decode_tokens_per_s={"dense": d["decode_tokens_per_s"], "sparse": s["decode_tokens_per_s"]},
                    ttft_ms={"dense": d["ttft_ms"], "sparse": s["ttft_ms"]}, decode_speedup=first["decode_speedup"],
                    detail={"dense": d, "sparse": s})
+        f = first.get("dense_fused")
+        if f and "error" not in f:
+            out["decode_tokens_per_s"]["dense_fused"] = f["decode_tokens_per_s"]
+            out["ttft_ms"]["dense_fused"] = f["ttft_ms"]
+            out.update(decode_speedup_vs_fused=first["decode_speedup_vs_fused"])
     merge_json(out_path, out)
     from .plot import publish
 

@@ -183,7 +183,7 @@ def generate_section(path: Path, d: dict) -> list[str]:
                                 **d.get("detail", {}), "decode_speedup": d.get("decode_speedup")}]:
         dn, sp = r.get("dense", {}), r.get("sparse", {})
         if "error" in dn or "error" in sp:
-            rows.append([r["batch"], r["prompt_tokens"], dn.get("error") or sp.get("error")] + ["-"] * 6)
+            rows.append([r["batch"], r["prompt_tokens"], dn.get("error") or sp.get("error")] + ["-"] * 8)
             continue
         mem = dn.get("peak_gib"), sp.get("peak_gib")
         mem_s = (f"{num(mem[0])} / {num(mem[1])} GiB" if mem[0] is not None else
@@ -192,13 +192,16 @@ def generate_section(path: Path, d: dict) -> list[str]:
         rows.append([r["batch"], r["prompt_tokens"], f"{num(dn.get('ttft_ms'))} / {num(sp.get('ttft_ms'))}",
                      f"{num(dn.get('ms_per_token'), 3)} / {num(sp.get('ms_per_token'), 3)}",
                      f"{num(dn.get('decode_tokens_per_s'), 1)} / {num(sp.get('decode_tokens_per_s'), 1)}",
-                     num(r.get("decode_speedup"), 3), num(r.get("ttft_speedup"), 3), mem_s, num(r.get("trusted"))])
+                     num(r.get("decode_speedup"), 3), num(r.get("ttft_speedup"), 3), mem_s,
+                     num(r.get("decode_speedup_vs_fused"), 3), num(r.get("dense_after", {}).get("ttft_ms")),
+                     num(r.get("trusted"))])
     extra = f"model: {d.get('model', '?')}; {d.get('dtype', '?')}; {d.get('new_tokens', '?')} new tokens"
     if d.get("device") == "cpu":
         extra += "; **CPU: a check of the harness**"
     return caption(path, d, extra) + table(
         ["batch", "prompt", "TTFT ms dense / 2:4", "ms per token dense / 2:4", "decode tok/s dense / 2:4",
-         "decode speedup", "TTFT speedup", "peak memory dense / 2:4", "trusted"], rows)
+         "decode speedup", "TTFT speedup", "peak memory dense / 2:4", "decode speedup vs fused dense",
+         "TTFT dense after 2:4", "trusted"], rows)
 
 
 def serve_section(path: Path, d: dict) -> list[str]:

@@ -71,8 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm/trtllm: GPUs per model")
     p.add_argument("--served-model-name", default=None, help="the id clients send as 'model' (default: folder name)")
     p.add_argument("--no-sparse", action="store_true", help="torch: keep dense linears (skip sparsify)")
-    p.add_argument("--cuda-graphs", action="store_true", help="torch: ask for CUDA-graph decoding (not "
-                                                              "implemented; reported in /health)")
+    p.add_argument("--kv-cache", default="auto", choices=("auto", "static", "dynamic"),
+                   help="torch: 'static' keeps each running request in a preallocated slot (decode can replay "
+                        "CUDA graphs; memory: rows x (max prompt + max tokens)); 'dynamic' grows the cache per "
+                        "step; auto: static on a GPU when it fits in half the free memory (default)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch with the static KV cache on a GPU: replay decode steps from CUDA graphs (default on)")
     p.add_argument("--threads", type=int, default=None, help="torch on CPU: intra-op threads (default: cores "
                                                              "minus one, leaving a core for HTTP)")
     p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds in-flight requests get to finish "
@@ -149,7 +153,7 @@ def serve_torch(a: argparse.Namespace) -> int:
     cfg = EngineConfig(model=a.model, device=a.device, dtype=a.dtype, sparse=not a.no_sparse,
                        max_batch_size=a.max_batch_size or 32, max_queue=a.max_queue,
                        max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_tokens or 1024,
-                       request_timeout_s=a.timeout, cuda_graphs=a.cuda_graphs, threads=threads,
+                       request_timeout_s=a.timeout, kv_cache=a.kv_cache, cuda_graphs=a.cuda_graphs, threads=threads,
                        served_model_name=a.served_model_name)
     cfg.validate()
     resolve_model_path(a.model)      # a bad folder or device fails before the port is taken
@@ -218,7 +222,8 @@ def external_command(a: argparse.Namespace) -> list[str]:
         raise MaskproError(f"--backend {a.backend} needs an explicit --port")
     if a.device not in ("auto", "cuda"):
         raise MaskproError(f"--backend {a.backend} runs on CUDA GPUs; drop --device {a.device}")
-    ignored = [flag for flag, used in (("--no-sparse", a.no_sparse), ("--cuda-graphs", a.cuda_graphs),
+    ignored = [flag for flag, used in (("--no-sparse", a.no_sparse), ("--no-cuda-graphs", not a.cuda_graphs),
+                                       ("--kv-cache", a.kv_cache != "auto"),
                                        ("--threads", a.threads is not None), ("--timeout", a.timeout != 300.0),
                                        ("--max-queue", a.max_queue != 128)) if used]
     if ignored:

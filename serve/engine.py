@@ -21,10 +21,11 @@ held back until it completes) and text that may be the start of a stop sequence 
 is known not to be. Each request's deltas go to an ``asyncio.Queue`` through
 ``loop.call_soon_threadsafe`` (or to a thread queue for synchronous callers).
 
-CUDA graphs are not captured: the running batch changes shape every step (rows join and leave, the
-cache grows by concatenation), which a captured graph cannot follow without a static, paged KV cache.
-``EngineConfig.cuda_graphs`` is accepted, logged as not active and reported in :meth:`TorchEngine.info`;
-use ``--backend vllm`` for CUDA-graph decoding.
+KV cache and CUDA graphs (``EngineConfig.kv_cache``, ``cuda_graphs``): on a CUDA GPU the running batch
+lives in a static per-row slot cache (:mod:`maskpro.serve.slot_cache`): prefill still runs eagerly into a
+``DynamicCache`` whose rows are then copied into their slots, and each decode step replays a CUDA graph
+captured once per (rows, columns) bucket. On CPU, or for models whose cache is not plain full attention,
+the dynamic cache above is used (``kv_cache="static"`` forces slots, eager on CPU).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from maskpro.errors import MaskproError
+
+from .slot_cache import SlotCache, SlotDecoder, cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,10 @@ class ClientCancelledError(ServeError):
 
 # ------------------------------------------------------------------------------------------------ config
 
+KV_CACHES = ("auto", "static", "dynamic")
+STATIC_CACHE_SHARE = 0.5   # "auto" falls back to the dynamic cache when slots would need more of the free memory
+
+
 @dataclass
 class EngineConfig:
     """How the torch backend loads and schedules; the limits are what clients see as 400/429/504."""
@@ -127,7 +134,8 @@ class EngineConfig:
     default_max_tokens: int = 16       # /v1/completions without max_tokens (OpenAI's default)
     request_timeout_s: float = 300.0   # queue wait + generation, then 504
     prefill_tokens: int = 8192         # padded tokens one prefill group may hold (bounds a step's latency)
-    cuda_graphs: bool = False          # see the module docstring: not implemented, reported as inactive
+    kv_cache: str = "auto"             # auto (static slots on CUDA, else dynamic) | static | dynamic
+    cuda_graphs: bool = True           # static cache on CUDA: replay decode steps from CUDA graphs
     threads: int | None = None         # torch intra-op threads on CPU; None leaves torch's setting alone
     served_model_name: str | None = None  # the id clients pass as "model"; default: the folder name
 
@@ -135,6 +143,8 @@ class EngineConfig:
         for name in ("max_batch_size", "max_queue", "max_new_tokens", "default_max_tokens", "prefill_tokens"):
             if int(getattr(self, name)) < 1:
                 raise MaskproError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache not in KV_CACHES:
+            raise MaskproError(f"unknown kv_cache {self.kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
         if self.threads is not None and self.threads < 1:
             raise MaskproError(f"threads must be >= 1, got {self.threads}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
@@ -393,7 +403,7 @@ class _Batch:
 
     reqs: list[_Request]
     cache: Any
-    mask: torch.Tensor            # [B, L] 1 = real token, 0 = left padding
+    mask: torch.Tensor | None     # [B, L] 1 = real token, 0 = left padding; None: rows in a SlotCache
     next_tokens: torch.Tensor     # [B] sampled, not yet fed
 
     @property
@@ -423,7 +433,10 @@ def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 
 def _merge(a: _Batch, b: _Batch) -> _Batch:
-    """One batch from two: left pad the shorter cache (masked zeros), concatenate along the batch axis."""
+    """One batch from two: left pad the shorter cache (masked zeros), concatenate along the batch axis
+    (slot-cache rows are already in place: ``b`` was loaded into the slots after ``a``'s)."""
+    if a.mask is None:
+        return _Batch(a.reqs + b.reqs, a.cache, None, torch.cat([a.next_tokens, b.next_tokens]))
     length = max(a.mask.shape[1], b.mask.shape[1])
     for la, lb in zip(_layers(a.cache), _layers(b.cache)):
         la.keys = torch.cat([_pad_left(la.keys, length, 2), _pad_left(lb.keys, length, 2)], 0)
@@ -438,7 +451,11 @@ def _select(batch: _Batch, keep: list[int]) -> _Batch | None:
         return None
     if len(keep) == batch.size:
         return batch
-    idx = torch.tensor(keep, device=batch.mask.device)
+    idx = torch.tensor(keep, device=batch.next_tokens.device)
+    reqs = [batch.reqs[i] for i in keep]
+    if batch.mask is None:  # slots: compact, copying columns up to the longest kept row
+        batch.cache.keep(keep, max(len(r.prompt_ids) + len(r.generated) for r in reqs))
+        return _Batch(reqs, batch.cache, None, batch.next_tokens.index_select(0, idx))
     mask = batch.mask.index_select(0, idx)
     used = mask.any(0).nonzero()
     first = int(used[0]) if used.numel() else 0
@@ -446,7 +463,7 @@ def _select(batch: _Batch, keep: list[int]) -> _Batch | None:
     for layer in _layers(batch.cache):
         layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
         layer.values = layer.values.index_select(0, idx)[:, :, first:]
-    return _Batch([batch.reqs[i] for i in keep], batch.cache, mask, batch.next_tokens.index_select(0, idx))
+    return _Batch(reqs, batch.cache, mask, batch.next_tokens.index_select(0, idx))
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -495,10 +512,13 @@ class TorchEngine:
         self._decode_tokenizer = copy.deepcopy(self.tokenizer)
         model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.dtype, local_files_only=True)
         self.model = model.to(self.device).eval()
+        graphs_wanted = config.cuda_graphs and self.device.type == "cuda" and config.kv_cache != "dynamic"
         if config.sparse:
-            from maskpro.serve.sparse_linear import sparsify
+            from maskpro.serve.sparse_linear import _bucket, sparsify
 
-            self.sparsity = dict(sparsify(self.model))
+            # decode steps replayed from graphs are planned by device time alone (no host launch cost)
+            decode = {_bucket(1 << i) for i in range(config.max_batch_size.bit_length() + 1)} if graphs_wanted else ()
+            self.sparsity = dict(sparsify(self.model, graph_buckets=tuple(sorted(decode))))
         else:
             self.sparsity = {"backend": "dense", "reason": "sparse runtime disabled (--no-sparse)", "layers": 0}
         self.load_s = round(time.perf_counter() - t0, 2)
@@ -510,16 +530,12 @@ class TorchEngine:
         self.eos_ids = self._eos_ids()
         self.pad_id = self._pad_id()
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        self.cuda_graphs = {"requested": bool(config.cuda_graphs), "active": False,
-                            "why": "not implemented: the continuous batch changes shape every step; "
-                                   "use --backend vllm for CUDA-graph decoding"}
-        if config.cuda_graphs:
-            log.warning("cuda_graphs requested: %s", self.cuda_graphs["why"])
+        self._decoder, self.kv_cache = self._slot_decoder()
         self._lock = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._batch: _Batch | None = None
         self._prefilling: list[_Request] = []
-        self._joinable: bool | None = None
+        self._joinable: bool | None = True if self._decoder is not None else None
         self._thread: threading.Thread | None = None
         self._closing = False
         self._abort_at: float | None = None
@@ -527,6 +543,58 @@ class TorchEngine:
         self._steps = 0
         self._outcomes: dict[str, int] = {}   # finish reasons and error codes -> count
         self._count_lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------- KV cache
+    def _slot_decoder(self) -> tuple[SlotDecoder | None, dict]:
+        """The static slot cache and its decoder where ``kv_cache`` allows it; else (None, why not)."""
+        from transformers import DynamicCache
+
+        mode = self.config.kv_cache
+        if mode == "dynamic" or (mode == "auto" and self.device.type != "cuda"):
+            return None, {"kind": "dynamic", "why": "kv_cache=dynamic" if mode == "dynamic" else "not on a GPU"}
+        probe = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            self.model(input_ids=torch.tensor([[self.pad_id]], device=self.device), past_key_values=probe,
+                       use_cache=True)
+        attn = getattr(self.model.config, "_attn_implementation", None)
+        why = ("the model's KV cache is not plain full attention" if not _cache_joinable(probe) else
+               f"attention implementation {attn!r} takes no 4D mask (use sdpa or eager)"
+               if attn not in ("sdpa", "eager") else None)
+        if why is None:
+            k = probe.layers[0].keys
+            slots, capacity = self.config.max_batch_size, min(self.max_context, self.max_prompt_tokens +
+                                                              self.config.max_new_tokens)
+            need = cache_bytes(len(probe.layers), slots, capacity, k.shape[1], k.shape[3], k.dtype)
+            free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+            if free is not None and need > STATIC_CACHE_SHARE * free:
+                why = (f"a static KV cache for {slots} rows x {capacity} tokens needs {need / 2**30:.1f} GiB, more "
+                       f"than half the free {free / 2**30:.1f} GiB; lower --max-batch-size, --max-prompt-tokens "
+                       f"or --max-tokens")
+        if why is not None:
+            if mode == "static":
+                raise MaskproError(f"kv_cache=static is not possible: {why}")
+            log.warning("using the dynamic KV cache: %s", why)
+            return None, {"kind": "dynamic", "why": why}
+        cache = SlotCache(len(probe.layers), slots, capacity, k.shape[1], k.shape[3], k.dtype, self.device)
+        graphs = self.config.cuda_graphs and self.device.type == "cuda"
+        decoder = SlotDecoder(self.model, cache, graphs, self._logits_to_keep)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            decoder.warmup()
+        log.info("static KV cache: %d slots x %d tokens, %.2f GiB; decode %s", slots, capacity,
+                 cache.nbytes / 2**30, f"from CUDA graphs ({decoder.captured} captured in "
+                                       f"{time.perf_counter() - t0:.1f} s)" if graphs else "eager")
+        return decoder, {"kind": "static", "slots": slots, "capacity_tokens": capacity,
+                         "gib": round(cache.nbytes / 2**30, 3)}
+
+    def _graphs_info(self) -> dict:
+        d, requested = self._decoder, bool(self.config.cuda_graphs)
+        if d is not None and d.graphs:
+            return {"requested": requested, "active": True, "captured": d.captured}
+        why = ("not requested (--no-cuda-graphs)" if not requested else "not on a GPU" if self.device.type != "cuda"
+               else f"capture failed: {d.capture_failed}" if d is not None and d.capture_failed
+               else f"needs the static KV cache ({self.kv_cache.get('why')})")
+        return {"requested": requested, "active": False, "why": why}
 
     # -------------------------------------------------------------------------------------- metadata
     def _read_meta(self) -> dict | None:
@@ -556,7 +624,8 @@ class TorchEngine:
                 "dtype": str(self.dtype).removeprefix("torch."), "max_context": self.max_context,
                 "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.config.max_new_tokens,
                 "max_batch_size": self.config.max_batch_size, "max_queue": self.config.max_queue,
-                "sparsity": self.sparsity, "maskpro": self.maskpro_meta, "cuda_graphs": self.cuda_graphs,
+                "sparsity": self.sparsity, "maskpro": self.maskpro_meta, "kv_cache": self.kv_cache,
+                "cuda_graphs": self._graphs_info(),
                 "threads": torch.get_num_threads() if self.device.type == "cpu" else None, "load_s": self.load_s}
 
     def stats(self) -> dict:
@@ -739,6 +808,10 @@ class TorchEngine:
         if new:
             self._prefilling = new
             group = self._prefill(new)
+            if group is not None and self._decoder is not None:  # into slots after the running rows
+                running = self._batch.size if self._batch is not None else 0
+                self._decoder.cache.load(running, group.cache, group.mask.sum(1).tolist())
+                group = _Batch(group.reqs, self._decoder.cache, None, group.next_tokens)
             if group is not None:
                 self._batch = group if self._batch is None else _merge(self._batch, group)
             self._prefilling = []
@@ -777,6 +850,10 @@ class TorchEngine:
 
     def _decode(self) -> None:
         batch = self._batch
+        if self._decoder is not None:
+            positions = [len(r.prompt_ids) + len(r.generated) - 1 for r in batch.reqs]
+            self._batch = self._sample_and_emit(batch, self._decoder.step(batch.next_tokens, positions))
+            return
         positions = torch.tensor([[len(r.prompt_ids) + len(r.generated) - 1] for r in batch.reqs],
                                  dtype=torch.long, device=self.device)
         mask = torch.cat([batch.mask, torch.ones((batch.size, 1), dtype=batch.mask.dtype, device=self.device)], 1)

@@ -25,7 +25,7 @@ from torch import nn
 
 from maskpro.nm import violations
 
-from . import sparse24, sparse_mma
+from . import shared_input, sparse24, sparse_mma
 from .sparse24 import compress_24, decompress_24  # noqa: F401 - the runtime's public kernel API
 from .sparse_mma import MmaConfig
 
@@ -223,12 +223,14 @@ class SparseLinear(nn.Module):
         self.register_buffer("meta", meta, persistent=False)
         self.weight = linear.weight if keep_dense else None
         self.bias = linear.bias
+        self.dense_only = False  # A/B timing: run the kept dense weight for every token count
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         b = _bucket(x2.shape[0])
-        choice = self.plan.choice.get(b, "dense") if x2.device.type == "cuda" else "dense"
+        choice = (self.plan.choice.get(b, "dense") if x2.device.type == "cuda" and not
+                  (self.dense_only and self.weight is not None) else "dense")
         if choice == "semi" and self.semi is not None:
             y = torch.nn.functional.linear(x2, self.semi)
         elif choice == "mma" and self.mma is not None:  # planned only for buckets of up to MAX_TOKENS
@@ -250,12 +252,13 @@ class SparseLinear(nn.Module):
 
 
 def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: bool = True, tune: bool = True,
-             buckets=TOKEN_BUCKETS, cusparselt: bool = True, graph_buckets=()) -> dict:
+             buckets=TOKEN_BUCKETS, cusparselt: bool = True, graph_buckets=(), fuse: bool = True) -> dict:
     """Swap the targeted 2:4 linears of ``model`` for :class:`SparseLinear`; returns a report.
 
     ``targets`` defaults to the layers in the checkpoint's ``maskpro.json`` when the model was loaded from one
     (``model.config._name_or_path``), else every linear whose weight is 2:4. On CPU nothing is swapped.
     ``graph_buckets``: the token buckets the caller runs inside CUDA graphs, planned by device time alone.
+    ``fuse``: q/k/v and gate/up run as one product each (:mod:`maskpro.serve.shared_input`).
     """
     device = next(model.parameters()).device
     if device.type != "cuda" or sparse24.triton is None:
@@ -267,14 +270,9 @@ def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: 
     mma_here = tune and sparse_mma.available()  # without a plan the kernel is never picked
     modules = dict(model.named_modules())
     plans: dict[tuple[int, int], ShapePlan] = {}
-    swapped = []
-    for name in targets or [n for n, m in modules.items() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]:
-        lin = modules.get(name)
-        if not isinstance(lin, nn.Linear) or lin.in_features % 8:
-            continue
+
+    def sparse_module(lin: nn.Linear) -> SparseLinear:
         w = lin.weight.data
-        if violations(w, sparse24.NM24).numel():
-            continue  # not 2:4: stays dense
         values, meta = compress_24(w)
         key = tuple(w.shape)
         semi = None
@@ -293,15 +291,49 @@ def sparsify(model: nn.Module, targets: list[str] | None = None, *, keep_dense: 
             semi = None
         elif semi is None:  # a later layer of an already planned shape
             semi = semi_structured(w)
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child,
-                SparseLinear(lin, plans.get(key), keep_dense=keep_dense, compressed=(values, meta), semi=semi,
-                             mma=mma))
-        swapped.append(name)
-    return {"backend": "sparse24-triton", "layers": len(swapped), "keep_dense": keep_dense,
-            "cusparselt_layers": sum(m.semi is not None for m in model.modules() if isinstance(m, SparseLinear)),
-            "mma_layers": sum(m.mma is not None for m in model.modules() if isinstance(m, SparseLinear)),
+        return SparseLinear(lin, plans.get(key), keep_dense=keep_dense, compressed=(values, meta), semi=semi,
+                            mma=mma)
+
+    def is_24(m: nn.Module) -> bool:
+        return (isinstance(m, nn.Linear) and m.in_features % 8 == 0
+                and not violations(m.weight.data, sparse24.NM24).numel())  # others stay dense
+
+    prefused = shared_input.fused_products(model)  # groups fused before (a dense model timed fused)
+    inside = {id(f) for f, _ in prefused.values()}
+    names = [n for n in targets or [n for n, m in modules.items()
+                                    if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
+             if n in modules and id(modules[n]) not in inside and is_24(modules[n])]
+    groups = shared_input.fusable_groups(model, set(names)) if fuse else []
+    grouped = {n for g in groups for n in g}
+    for group in groups:
+        for n in group:
+            del modules[n]  # drop the last reference to each original weight once it is fused
+        shared_input.fuse(model, group)
+    for fused, members in shared_input.fused_products(model).values():
+        if is_24(fused):
+            sparse = sparse_module(fused)
+            for member in members:
+                member.fused = sparse
+    for name in names:
+        if name not in grouped:
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, child, sparse_module(modules[name]))
+    sparse_layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    fused = [ms for f, ms in shared_input.fused_products(model).values() if isinstance(f, SparseLinear)]
+    return {"backend": "sparse24-triton", "layers": len(set(names) - grouped) + sum(map(len, fused)),
+            "fused_groups": len(fused),
+            "keep_dense": keep_dense, "cusparselt_layers": sum(m.semi is not None for m in sparse_layers),
+            "mma_layers": sum(m.mma is not None for m in sparse_layers),
             "plans": {f"{k[1]}x{k[0]}": {"choice": p.choice, "timings_us": p.timings_us} for k, p in plans.items()}}
+
+
+def set_dense_only(model: nn.Module, on: bool = True) -> int:
+    """Make every :class:`SparseLinear` of ``model`` that kept its dense weight run it (``on``) or its plan
+    again; returns how many layers. For timing dense against 2:4 in the same model, in either order."""
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear) and m.weight is not None]
+    for m in layers:
+        m.dense_only = on
+    return len(layers)
 
 
 def _targets_from_checkpoint(model: nn.Module) -> list[str] | None:

@@ -1,0 +1,127 @@
+"""Linears that read the same input (q/k/v, gate/up) served by one fused product.
+
+Why: at decode sizes a 2:4 kernel is bound by how fast it streams the weights, and small shapes stream
+slower than large ones (on an H100 the mma.sp kernel reads a 4096x4096 weight at about 1.5 TB/s and a
+4096x11008 one at about 2.1 TB/s, ``kernels-h100.json``). Concatenating q/k/v (and gate/up) along the output
+rows gives one larger product and one launch instead of three.
+
+The model's code is left alone: each member keeps its name and is called as before. The first member called
+with an input computes the fused product and hands the other members their slices when they are called with
+the same tensor object; any other input (or a second call by the same member) recomputes, so a wrong guess
+about which layers share an input costs time, never correctness.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Child names that transformers' decoder layers call on one input, in the order they are called.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _SharedOutput:
+    """The last fused output and which members have not read their slice of it yet."""
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = sizes
+        self.x: torch.Tensor | None = None
+        self.outs: tuple[torch.Tensor, ...] = ()
+        self.pending: set[int] = set()
+
+    def output(self, x: torch.Tensor, index: int, fused: nn.Module) -> torch.Tensor:
+        if x is self.x and index in self.pending:
+            self.pending.discard(index)
+            out = self.outs[index]
+            if not self.pending:  # every member has read it: drop the references
+                self.x, self.outs = None, ()
+            return out
+        self.outs = fused(x).split(self.sizes, dim=-1)
+        self.x, self.pending = x, set(range(len(self.sizes))) - {index}
+        return self.outs[index]
+
+
+class SharedInputLinear(nn.Module):
+    """One member of a fused group: rows ``start:stop`` of ``fused``'s output."""
+
+    def __init__(self, fused: nn.Module, shared: _SharedOutput, index: int, start: int, stop: int):
+        super().__init__()
+        self.fused, self._shared, self.index = fused, shared, index
+        self.start, self.stop = start, stop
+        self.in_features, self.out_features = fused.in_features, stop - start
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The member's rows of the fused dense weight (a view), for code that reads ``.weight``."""
+        w = getattr(self.fused, "weight", None)
+        return None if w is None else w[self.start:self.stop]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._shared.output(x, self.index, self.fused)
+
+    def extra_repr(self) -> str:
+        return f"rows {self.start}:{self.stop} of a fused {type(self.fused).__name__}"
+
+
+def fusable_groups(model: nn.Module, candidates: set[str]) -> list[list[str]]:
+    """Names of the groups in ``GROUPS`` whose members are all in ``candidates`` and are linears with the
+    same input size, dtype and device."""
+    modules = dict(model.named_modules())
+    found = []
+    for parent in modules:
+        for children in GROUPS:
+            names = [f"{parent}.{c}" if parent else c for c in children]
+            lins = [modules.get(n) for n in names]
+            if not all(n in candidates and type(m) is nn.Linear for n, m in zip(names, lins)):
+                continue
+            w0 = lins[0].weight
+            if all(m.in_features == lins[0].in_features and m.weight.dtype == w0.dtype
+                   and m.weight.device == w0.device for m in lins):
+                found.append(names)
+    return found
+
+
+def fuse(model: nn.Module, names: list[str]) -> tuple[nn.Linear, list[SharedInputLinear]]:
+    """Replace the linears ``names`` of ``model`` by members of one new ``nn.Linear`` (their weights
+    concatenated along the output rows; the originals are released). Returns the fused linear and the members,
+    so the caller can swap ``member.fused`` for a faster module of the same product."""
+    modules = dict(model.named_modules())
+    lins = [modules[n] for n in names]
+    sizes = [m.out_features for m in lins]
+    w = torch.cat([m.weight.data for m in lins])
+    fused = nn.Linear(lins[0].in_features, sum(sizes), bias=any(m.bias is not None for m in lins),
+                      device=w.device, dtype=w.dtype)
+    fused.weight.data = w
+    if fused.bias is not None:
+        fused.bias.data = torch.cat([m.bias.data if m.bias is not None else w.new_zeros(m.out_features)
+                                     for m in lins])
+    shared = _SharedOutput(sizes)
+    members, start = [], 0
+    for i, (name, size) in enumerate(zip(names, sizes)):
+        member = SharedInputLinear(fused, shared, i, start, start + size)
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, member)
+        members.append(member)
+        start += size
+    return fused, members
+
+
+def fuse_all(model: nn.Module, candidates: set[str] | None = None) -> int:
+    """Fuse every group of ``model`` (among ``candidates``, default every linear but the LM head) into plain
+    fused ``nn.Linear`` products; returns how many groups. ``sparsify`` later swaps each fused product for its
+    2:4 module. Used to time a dense model with the same fusion as the 2:4 runtime."""
+    if candidates is None:
+        candidates = {n for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith("lm_head")}
+    groups = fusable_groups(model, candidates)
+    for names in groups:
+        fuse(model, names)
+    return len(groups)
+
+
+def fused_products(model: nn.Module) -> dict[int, tuple[nn.Module, list[SharedInputLinear]]]:
+    """The distinct fused modules of ``model`` with their members, by ``id``."""
+    out: dict[int, tuple[nn.Module, list[SharedInputLinear]]] = {}
+    for m in model.modules():
+        if isinstance(m, SharedInputLinear):
+            out.setdefault(id(m.fused), (m.fused, []))[1].append(m)
+    return out

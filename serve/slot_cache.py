@@ -1,0 +1,183 @@
+"""A static KV cache for a continuous batch, and decode steps replayed from CUDA graphs.
+
+Why not Hugging Face's ``StaticCache``: it writes every row of a step at one shared column, so rows of
+different lengths must be aligned (left padded and shifted as requests come and go). Here each running
+request owns a *slot* (a row of a preallocated ``[slots, kv_heads, capacity, head_dim]`` buffer per layer)
+and keeps its tokens at columns ``0 .. length-1``: a decode step writes each row's new key and value at
+that row's own position, so joining and leaving never moves the other rows' columns.
+
+Running rows occupy slots ``0 .. n-1`` (leaving rows are compacted away). A step runs the first ``b`` slots
+(``b``: ``n`` rounded up to a power of two; spare rows compute on padding and are ignored) over the first
+``c`` columns (``c``: the longest row rounded up to a power of two, at most the capacity), with a 4D
+additive mask built from the positions inside the step. On CUDA each ``(b, c)`` step is captured once as
+a CUDA graph (memory pool shared by all of them) and replayed: the host launches one graph instead of
+hundreds of kernels. Elsewhere the same step runs eagerly, which is what the CPU tests exercise.
+
+The cache is duck-typed for the model's attention layers (``update``, ``get_seq_length``) and the mask is
+passed ready-made (transformers uses a 4D mask as is), so no transformers cache internals are relied on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MIN_COLUMNS = 128
+WARMUP_COLUMNS = 1024   # graphs for every rows bucket up to this many columns are captured before serving
+
+
+def _pow2_at_least(n: int, floor: int, ceiling: int) -> int:
+    size = floor
+    while size < n:
+        size *= 2
+    return min(size, ceiling)
+
+
+def cache_bytes(layers: int, slots: int, capacity: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values for ``slots`` rows of ``capacity`` tokens."""
+    return 2 * layers * slots * kv_heads * capacity * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+class SlotCache:
+    """Per-layer K/V buffers with one slot per running request; see the module docstring."""
+
+    def __init__(self, layers: int, slots: int, capacity: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (slots, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.slots, self.capacity = slots, capacity
+        self._rows, self._cols = slots, capacity
+        self._index: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def bind(self, rows: int, cols: int, positions: torch.Tensor) -> None:
+        """Set what the next forward's ``update`` calls read and write: the first ``rows`` slots, the first
+        ``cols`` columns, and each row's write column (``positions``, [rows, 1])."""
+        self._rows, self._cols = rows, cols
+        k = self.keys[0]
+        self._index = positions.view(rows, 1, 1, 1).expand(rows, k.shape[1], 1, k.shape[3])
+
+    # the two methods transformers' attention layers call on ``past_key_values``
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        k = self.keys[layer_idx][:self._rows, :, :self._cols]
+        v = self.values[layer_idx][:self._rows, :, :self._cols]
+        k.scatter_(2, self._index, key_states)
+        v.scatter_(2, self._index, value_states)
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed explicitly
+
+    def load(self, first_slot: int, dynamic_cache, lengths: list[int]) -> None:
+        """Copy prefilled rows (a left-padded transformers ``DynamicCache``) into slots from ``first_slot``;
+        row ``i`` keeps its last ``lengths[i]`` columns (its real tokens)."""
+        for layer, (ks, vs) in enumerate(zip(self.keys, self.values)):
+            src = dynamic_cache.layers[layer]
+            for i, n in enumerate(lengths):
+                ks[first_slot + i, :, :n] = src.keys[i, :, src.keys.shape[2] - n:]
+                vs[first_slot + i, :, :n] = src.values[i, :, src.values.shape[2] - n:]
+
+    def keep(self, rows: list[int], columns: int) -> None:
+        """Compact: slot ``j`` takes old slot ``rows[j]`` (``rows`` ascending); only the first ``columns``
+        columns are copied (nothing beyond the longest kept row is ever read)."""
+        if rows == list(range(len(rows))):
+            return
+        idx = torch.tensor(rows, device=self.keys[0].device)
+        for t in self.keys + self.values:
+            t[:len(rows), :, :columns] = t[:, :, :columns].index_select(0, idx)
+
+
+class SlotDecoder:
+    """Decode steps over a :class:`SlotCache`: eager, or one CUDA graph per (rows, columns) bucket."""
+
+    def __init__(self, model: torch.nn.Module, cache: SlotCache, graphs: bool, logits_to_keep: bool = True):
+        self.model, self.cache, self.graphs = model, cache, graphs
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        slots = cache.slots
+        self._ids = torch.zeros((slots, 1), dtype=torch.long, device=self.device)
+        self._pos = torch.zeros((slots, 1), dtype=torch.long, device=self.device)
+        self._columns = torch.arange(cache.capacity, device=self.device)
+        self._kwargs = {"logits_to_keep": 1} if logits_to_keep else {}
+        self._steps: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.captured = 0
+        self.capture_failed: str | None = None
+
+    def buckets(self, rows: int, longest: int) -> tuple[int, int]:
+        """The (rows, columns) a step for ``rows`` running rows whose longest has ``longest`` tokens runs at."""
+        return (_pow2_at_least(rows, 1, self.cache.slots),
+                _pow2_at_least(longest, min(MIN_COLUMNS, self.cache.capacity), self.cache.capacity))
+
+    def _forward(self, rows: int, cols: int) -> torch.Tensor:
+        pos = self._pos[:rows]
+        blocked = self._columns[:cols].view(1, cols) > pos                      # [rows, cols]
+        mask = torch.zeros(blocked.shape, dtype=self.dtype, device=self.device)
+        mask = mask.masked_fill(blocked, torch.finfo(self.dtype).min).view(rows, 1, 1, cols)
+        self.cache.bind(rows, cols, pos)
+        out = self.model(input_ids=self._ids[:rows], attention_mask=mask, position_ids=pos,
+                         past_key_values=self.cache, use_cache=True, **self._kwargs)
+        return out.logits[:, -1, :]
+
+    def _capture(self, rows: int, cols: int) -> Callable[[], torch.Tensor]:
+        """Warm up on a side stream (the step is idempotent: it rewrites the same K/V), capture, return replay."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(rows, cols)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(rows, cols)
+        self.captured += 1
+        log.info("captured a decode graph for %d rows x %d columns (%d so far)", rows, cols, self.captured)
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return logits
+        return replay
+
+    def warmup(self, max_columns: int = WARMUP_COLUMNS) -> int:
+        """Capture the steps of every rows bucket up to ``max_columns`` columns before any request runs (the
+        first requests would otherwise pay the captures); only while no slot is in use. Returns graphs captured."""
+        if not self.graphs:
+            return 0
+        rows = sorted({self.buckets(1 << i, 1)[0] for i in range(self.cache.slots.bit_length() + 1)})
+        cols = sorted({self.buckets(1, 1 << i)[1] for i in range(max_columns.bit_length())})
+        for r in rows:
+            for c in cols:
+                if self.graphs:
+                    self.step(torch.zeros(r, dtype=torch.long, device=self.device), [0] * (r - 1) + [c - 1])
+        return self.captured
+
+    def step(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """Feed each running row (slot ``i`` = row ``i``) its token at its position; float32 logits [n, vocab]."""
+        n = tokens.shape[0]
+        rows, cols = self.buckets(n, max(positions) + 1)
+        self._ids[:n, 0] = tokens
+        self._pos[:n, 0] = torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True)
+        if rows > n:  # spare rows write column 0 of slots nobody uses
+            self._ids[n:rows] = 0
+            self._pos[n:rows] = 0
+        if not self.graphs:
+            return self._forward(rows, cols)[:n].float()
+        run = self._steps.get((rows, cols))
+        if run is None:
+            try:
+                run = self._steps[(rows, cols)] = self._capture(rows, cols)
+            except Exception as e:  # noqa: BLE001 - keep serving eagerly, say why once
+                self.capture_failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", self.capture_failed)
+                torch.cuda.synchronize(self.device)
+                self.graphs = False
+                return self._forward(rows, cols)[:n].float()
+        return run()[:n].float()

@@ -1,0 +1,123 @@
+"""The static slot KV cache: the engine decoding from slots (eager on CPU, CUDA graphs on a GPU) must
+produce exactly what transformers' own ``generate`` and the dynamic-cache engine produce, while rows of
+different lengths join, leave (slot compaction) and grow across column buckets."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from maskpro.serve import slot_cache
+from maskpro.serve.engine import EngineConfig, SamplingParams, TorchEngine
+
+from maskpro.errors import MaskproError
+
+PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived a", "def fibonacci(n):",
+           "1, 2, 3, 4,", "Water boils at", "The quick brown fox jumps over the lazy dog. The quick brown fox"]
+N = 20
+
+
+def _reference(engine: TorchEngine, prompt: str, n: int) -> str:
+    """transformers' greedy decoding of the engine's own model (its own cache): what the engine must reproduce."""
+    inputs = engine.tokenizer(prompt, return_tensors="pt").to(engine.device)
+    with torch.inference_mode():
+        out = engine.model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=engine.pad_id)
+    return engine.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _run_staggered(engine: TorchEngine) -> dict[str, str]:
+    """Requests arrive 10 ms apart with different lengths: joins mid-decode, early leavers, a queue."""
+    results: dict[str, str] = {}
+
+    def client(i: int, p: str) -> None:
+        time.sleep(0.01 * i)
+        results[p] = engine.generate(p, SamplingParams(max_tokens=N - 3 * i, temperature=0.0, ignore_eos=True)).text
+
+    threads = [threading.Thread(target=client, args=(i, p)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _check(engine: TorchEngine) -> None:
+    refs = {p: _reference(engine, p, N) for p in PROMPTS}
+    params = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
+    assert engine.generate(PROMPTS[1], params).text == refs[PROMPTS[1]]
+    handles = [engine.submit(engine.encode_prompt(p), params, loop=None) for p in PROMPTS]  # 6 rows, 4 slots
+    assert [h.result().text for h in handles] == [refs[p] for p in PROMPTS]
+    for p, text in _run_staggered(engine).items():
+        assert refs[p].startswith(text) and text, (p, text, refs[p])
+
+
+@pytest.fixture
+def small_columns(monkeypatch) -> set[tuple[int, int]]:
+    """Column buckets from 8 tokens, so short test prompts cross several of them; returns the buckets used."""
+    monkeypatch.setattr(slot_cache, "MIN_COLUMNS", 8)
+    used: set[tuple[int, int]] = set()
+    buckets = slot_cache.SlotDecoder.buckets
+
+    def recording(self, rows, longest):
+        used.add(buckets(self, rows, longest))
+        return buckets(self, rows, longest)
+    monkeypatch.setattr(slot_cache.SlotDecoder, "buckets", recording)
+    return used
+
+
+def test_static_cache_matches_generate_on_cpu(tiny_model_dir, small_columns):
+    engine = TorchEngine(EngineConfig(model=str(tiny_model_dir), device="cpu", kv_cache="static", max_batch_size=4,
+                                      max_prompt_tokens=40, max_new_tokens=40))
+    engine.start()
+    try:
+        info = engine.info()
+        assert info["kv_cache"] == {"kind": "static", "slots": 4, "capacity_tokens": 80,
+                                    "gib": info["kv_cache"]["gib"]}
+        assert info["cuda_graphs"]["active"] is False and info["cuda_graphs"]["why"] == "not on a GPU"
+        _check(engine)
+    finally:
+        engine.stop()
+    assert {r for r, _ in small_columns} == {1, 2, 4} and {c for _, c in small_columns} >= {16, 32}
+
+
+def test_bucket_sizes():
+    cache = slot_cache.SlotCache(1, 6, 300, 1, 4, torch.float32, torch.device("cpu"))
+    dec = slot_cache.SlotDecoder(torch.nn.Linear(1, 1), cache, graphs=False)
+    assert dec.buckets(1, 1) == (1, 128)
+    assert dec.buckets(3, 129) == (4, 256)
+    assert dec.buckets(5, 299) == (6, 300)   # capped at the slots and the capacity
+
+
+def test_keep_compacts_rows():
+    cache = slot_cache.SlotCache(1, 4, 8, 1, 2, torch.float32, torch.device("cpu"))
+    for t in cache.keys + cache.values:
+        t.copy_(torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand_as(t))
+    cache.keep([1, 3], columns=8)
+    assert cache.keys[0][:2, 0, :, 0].tolist() == [[1.0] * 8, [3.0] * 8]
+
+
+def test_auto_is_dynamic_on_cpu_and_bad_choice_fails(tiny_model_dir):
+    with pytest.raises(MaskproError, match="unknown kv_cache 'paged'; choose one of auto, static, dynamic"):
+        EngineConfig(model=str(tiny_model_dir), kv_cache="paged").validate()
+    engine = TorchEngine(EngineConfig(model=str(tiny_model_dir), device="cpu", max_batch_size=2))
+    assert engine.info()["kv_cache"] == {"kind": "dynamic", "why": "not on a GPU"}
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_dynamic_cache(tiny_model_dir, small_columns):
+    """fp32 on the GPU so the two caches may only differ by summation order, far below a token flip."""
+    kw = {"model": str(tiny_model_dir), "device": "cuda", "dtype": "fp32", "max_batch_size": 4,
+          "max_prompt_tokens": 40, "max_new_tokens": 40}
+    engine = TorchEngine(EngineConfig(**kw))
+    engine.start()
+    try:
+        assert engine.info()["kv_cache"]["kind"] == "static"
+        _check(engine)
+        graphs = engine.info()["cuda_graphs"]
+        assert graphs["active"] is True and graphs["captured"] >= 4, graphs
+    finally:
+        engine.stop()
+    eager = TorchEngine(EngineConfig(**kw, kv_cache="dynamic"))
+    assert eager.info()["cuda_graphs"]["active"] is False
