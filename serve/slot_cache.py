@@ -108,7 +108,10 @@ class SlotDecoder:
         self._columns = torch.arange(cache.capacity, device=self.device)
         self._kwargs = {"logits_to_keep": 1} if logits_to_keep else {}
         self._steps: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
-        self._pool = torch.cuda.graph_pool_handle() if graphs else None
+        self._pool = None
+        if graphs:
+            with torch.cuda.device(self.device):
+                self._pool = torch.cuda.graph_pool_handle()
         self.captured = 0
         self.capture_failed: str | None = None
 
@@ -129,6 +132,10 @@ class SlotDecoder:
 
     def _capture(self, rows: int, cols: int) -> Callable[[], torch.Tensor]:
         """Warm up on a side stream (the step is idempotent: it rewrites the same K/V), capture, return replay."""
+        with torch.cuda.device(self.device):
+            return self._capture_here(rows, cols)
+
+    def _capture_here(self, rows: int, cols: int) -> Callable[[], torch.Tensor]:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):

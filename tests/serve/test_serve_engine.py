@@ -167,7 +167,7 @@ def test_eos_ends_generation_and_chat_template(smollm2_path):
         with torch.inference_mode():
             out = engine.model.generate(**inputs, max_new_tokens=96, do_sample=False)
         assert c.text == engine.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
-        assert engine.info()["sparsity"]["backend"] == "dense"
+        assert engine.info()["sparsity"]["layers"] == 0  # the raw model is not 2:4: nothing swapped (CPU or GPU)
     finally:
         engine.stop()
         torch.set_num_threads(threads)
