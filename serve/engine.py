@@ -582,10 +582,10 @@ class TorchEngine:
         with torch.inference_mode():
             decoder.warmup()
         log.info("static KV cache: %d slots x %d tokens, %.2f GiB; decode %s", slots, capacity,
-                 cache.nbytes / 2**30, f"from CUDA graphs ({decoder.captured} captured in "
+                 need / 2**30, f"from CUDA graphs ({decoder.captured} captured in "
                                        f"{time.perf_counter() - t0:.1f} s)" if graphs else "eager")
         return decoder, {"kind": "static", "slots": slots, "capacity_tokens": capacity,
-                         "gib": round(cache.nbytes / 2**30, 3)}
+                         "gib": round(need / 2**30, 3)}
 
     def _graphs_info(self) -> dict:
         d, requested = self._decoder, bool(self.config.cuda_graphs)

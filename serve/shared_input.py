@@ -106,13 +106,11 @@ def fuse(model: nn.Module, names: list[str]) -> tuple[nn.Linear, list[SharedInpu
     return fused, members
 
 
-def fuse_all(model: nn.Module, candidates: set[str] | None = None) -> int:
-    """Fuse every group of ``model`` (among ``candidates``, default every linear but the LM head) into plain
-    fused ``nn.Linear`` products; returns how many groups. ``sparsify`` later swaps each fused product for its
-    2:4 module. Used to time a dense model with the same fusion as the 2:4 runtime."""
-    if candidates is None:
-        candidates = {n for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith("lm_head")}
-    groups = fusable_groups(model, candidates)
+def fuse_all(model: nn.Module) -> int:
+    """Fuse every group of ``model`` into plain fused ``nn.Linear`` products; returns how many groups.
+    ``sparsify`` later swaps each fused product for its 2:4 module. Used to time a dense model with the same
+    fusion as the 2:4 runtime."""
+    groups = fusable_groups(model, {n for n, _ in model.named_modules()})
     for names in groups:
         fuse(model, names)
     return len(groups)

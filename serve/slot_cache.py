@@ -54,10 +54,6 @@ class SlotCache:
         self._rows, self._cols = slots, capacity
         self._index: torch.Tensor | None = None
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     def bind(self, rows: int, cols: int, positions: torch.Tensor) -> None:
         """Set what the next forward's ``update`` calls read and write: the first ``rows`` slots, the first
         ``cols`` columns, and each row's write column (``positions``, [rows, 1])."""
