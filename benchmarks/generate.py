@@ -5,17 +5,18 @@
   maskpro-bench generate                        # CPU: a tiny config, a check of the harness
 
 Random weights at the model's real shapes (``--config``; speed does not depend on the values) or a model
-folder's weights (``--model``), every decoder linear pruned 2:4 by magnitude. The same model is measured
-in one process over every batch size and prompt length: dense (the masked dense weights on cuBLAS), then
-(``--dense-fused``, default on GPU) dense with q/k/v and gate/up fused into one product each as the 2:4 runtime
-does, then after ``sparsify`` (maskpro's runtime picks its 2:4 kernel or dense per shape and token count;
-q/k/v and gate/up fused). Speedups are given against both dense models. Prefill
-(TTFT) is one forward of the batch of prompts; decode runs one token per sequence per step on a static KV
-cache, captured in a CUDA graph where capture works (``decode_graph`` says which). CUDA events on GPU,
-perf_counter on CPU, median of ``--reps`` runs after warm-up; rows whose (p90-p10)/median exceeds
-``--max-spread`` are marked ``trusted: false``. Peak memory is the CUDA allocator's peak per measurement on
-GPU and the process's peak RSS on CPU. The backend is maskpro's PyTorch runtime; other engines are measured
-through their servers with ``maskpro-bench serve``.
+folder's weights (``--model``), every decoder linear pruned 2:4 by magnitude. Two models are resident in one
+process: the dense one (the masked dense weights on cuBLAS) and a copy after ``sparsify`` (maskpro's runtime
+picks its 2:4 kernel or dense per shape and token count; q/k/v and gate/up fused). Three variants are timed:
+dense, 2:4, and (``--dense-fused``, default on GPU) the 2:4 model forced to its kept dense weights, i.e. dense
+with the runtime's fusion. Speedups are given against both dense variants. Their repetitions are interleaved
+at every point, so drift over the process (which earlier sequential runs showed) falls on all alike.
+Prefill (TTFT) is one forward of the batch of prompts; decode runs one token per sequence per step on a
+static KV cache, captured in a CUDA graph where capture works (``decode_graph`` says which). CUDA events on
+GPU, perf_counter on CPU, median of ``--reps`` runs after warm-up; rows whose (p90-p10)/median exceeds
+``--max-spread`` are marked ``trusted: false``. Memory: ``weights_gib`` is what each model holds on the GPU,
+``point_memory`` the allocator's peak at a point with every variant's cache (peak RSS on CPU). The backend is
+maskpro's PyTorch runtime; other engines are measured through their servers with ``maskpro-bench serve``.
 
 Top-level ``decode_tokens_per_s`` and ``ttft_ms`` ({"dense", "sparse"}, and "dense_fused") are those of the
 first batch size and
@@ -25,6 +26,7 @@ prompt length; ``rows`` holds the whole sweep. Writes ``generate-<tag>.json`` an
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import statistics
 import sys
@@ -61,11 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-spread", type=float, default=stats.MAX_SPREAD,
                    help="flag rows whose (p90-p10)/median exceeds this as not trusted")
     p.add_argument("--dense-fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time the dense model with q/k/v and gate/up fused, as the 2:4 runtime runs them "
-                        "(default: on GPU)")
-    p.add_argument("--dense-after", action="store_true",
-                   help="time dense once more after the 2:4 sweep (the runtime forced to its kept dense weights, "
-                        "q/k/v and gate/up fused): separates drift over the run from the 2:4 runtime itself")
+                   help="also time dense with q/k/v and gate/up fused as the 2:4 runtime runs them: the 2:4 model "
+                        "forced to its kept dense weights (default: on GPU)")
     p.add_argument("--tag", default=None, help="results name generate-<tag>.json (default: the device)")
     add_output_args(p, "generate-<tag>.json")
 
@@ -125,13 +124,21 @@ def _capture(step, device: str):
         return None, step
 
 
-def measure(model, prompt_len: int, new_tokens: int, reps: int, device: str, batch: int = 1) -> dict:
-    """TTFT of a batch of prompts and per-step decode time on a static cache (CUDA-graph replay when it captures)."""
+class Variant:
+    """One way to run a model: ``setup`` switches the model to it (e.g. the 2:4 runtime forced dense)."""
+
+    def __init__(self, model, setup=None):
+        self.model, self.setup = model, setup or (lambda: None)
+
+
+def _prepared(v: Variant, prompt_len: int, new_tokens: int, device: str, batch: int):
+    """(prefill, decode run, captured?) of one variant on its own static cache and prompt."""
     from transformers import StaticCache
 
-    timer = Timer(device)
-    cfg = model.config
-    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
+    model, cfg = v.model, v.model.config
+    v.setup()
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
     cache = StaticCache(config=cfg, max_cache_len=prompt_len + new_tokens + 8)
 
     def prefill():
@@ -142,7 +149,6 @@ def measure(model, prompt_len: int, new_tokens: int, reps: int, device: str, bat
 
     for _ in range(2):
         prefill()
-    ttft = [timer(prefill) for _ in range(reps)]
     tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
     pos = torch.full((1,), prompt_len, dtype=torch.long, device=device)
 
@@ -153,38 +159,68 @@ def measure(model, prompt_len: int, new_tokens: int, reps: int, device: str, bat
 
     prefill()
     graph, run = _capture(step, device)
-    per_token = []
-    for _ in range(reps):
+
+    def decode():
+        for _ in range(new_tokens):
+            run()
+            pos.add_(1)
+
+    def fresh_decode():  # a new prompt's cache, then the timed steps start at its end
         prefill()
         pos.fill_(prompt_len)
+        return decode
 
-        def decode():
-            for _ in range(new_tokens):
-                run()
-                pos.add_(1)
-
-        per_token.append(timer(decode) / new_tokens)
-    med, ttft_med = statistics.median(per_token), statistics.median(ttft)
-    return {"ttft_ms": ttft_med, "ms_per_token": med, "decode_tokens_per_s": batch * 1000 / med,
-            "e2e_tokens_per_s": batch * new_tokens * 1000 / (ttft_med + new_tokens * med),
-            "decode_graph": graph is not None, "ttft_spread_ms": [min(ttft), max(ttft)],
-            "ms_per_token_spread": [min(per_token), max(per_token)],
-            "spread": {"ttft": stats.summarize(ttft)["spread"], "decode": stats.summarize(per_token)["spread"]}}
+    return prefill, fresh_decode, graph is not None
 
 
-def sweep(model, a: argparse.Namespace, device: str, label: str) -> dict[tuple[int, int], dict]:
-    """measure() at every (batch, prompt) with the peak memory of each; out-of-memory is recorded, not fatal."""
+def measure(variants: dict[str, Variant], prompt_len: int, new_tokens: int, reps: int, device: str,
+            batch: int = 1) -> dict[str, dict]:
+    """TTFT of a batch of prompts and per-step decode time on a static cache, for every variant.
+
+    The variants' repetitions are interleaved (A B C, B C A, ...), so a drift of the GPU over the run (clocks,
+    temperature, allocator) falls on all of them alike instead of on whichever was measured last.
+    """
+    timer = Timer(device)
+    names = list(variants)
+    prepared = {n: _prepared(variants[n], prompt_len, new_tokens, device, batch) for n in names}
+    ttft: dict[str, list[float]] = {n: [] for n in names}
+    per_token: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        for n in names[rep % len(names):] + names[:rep % len(names)]:
+            variants[n].setup()
+            ttft[n].append(timer(prepared[n][0]))
+    for rep in range(reps):
+        for n in names[rep % len(names):] + names[:rep % len(names)]:
+            variants[n].setup()
+            per_token[n].append(timer(prepared[n][1]()) / new_tokens)
     out = {}
+    for n in names:
+        med, ttft_med = statistics.median(per_token[n]), statistics.median(ttft[n])
+        out[n] = {"ttft_ms": ttft_med, "ms_per_token": med, "decode_tokens_per_s": batch * 1000 / med,
+                  "e2e_tokens_per_s": batch * new_tokens * 1000 / (ttft_med + new_tokens * med),
+                  "decode_graph": prepared[n][2], "ttft_spread_ms": [min(ttft[n]), max(ttft[n])],
+                  "ms_per_token_spread": [min(per_token[n]), max(per_token[n])],
+                  "spread": {"ttft": stats.summarize(ttft[n])["spread"],
+                             "decode": stats.summarize(per_token[n])["spread"]}}
+    return out
+
+
+def sweep(variants: dict[str, Variant], a: argparse.Namespace,
+          device: str) -> tuple[dict[tuple[int, int], dict], dict[tuple[int, int], dict]]:
+    """measure() at every (batch, prompt): (results per variant, peak memory of the point with all variants
+    resident); out-of-memory is recorded, not fatal."""
+    out, peaks = {}, {}
     points = list(itertools.product(a.batch_sizes, a.prompts))
-    for batch, prompt in tqdm(points, desc=label, unit="point", disable=None):
+    for batch, prompt in tqdm(points, desc="interleaved " + " / ".join(variants), unit="point", disable=None):
         reset_peak_memory()
         try:
-            out[batch, prompt] = {**measure(model, prompt, a.new, a.reps, device, batch), **peak_memory()}
+            out[batch, prompt] = measure(variants, prompt, a.new, a.reps, device, batch)
         except torch.OutOfMemoryError:
-            out[batch, prompt] = {"error": "CUDA out of memory"}
-            torch.cuda.empty_cache()
-        print(f"{label} batch {batch} prompt {prompt}:", out[batch, prompt], flush=True)
-    return out
+            out[batch, prompt] = {n: {"error": "CUDA out of memory"} for n in variants}
+        peaks[batch, prompt] = peak_memory()
+        reset_peak_memory()  # drops this point's caches and graph pools before the next
+        print(f"batch {batch} prompt {prompt}:", out[batch, prompt], flush=True)
+    return out, peaks
 
 
 def rows_of(dense: dict, sparse: dict, max_spread: float, fused: dict | None = None) -> list[dict]:
@@ -210,42 +246,45 @@ def rows_of(dense: dict, sparse: dict, max_spread: float, fused: dict | None = N
     return rows
 
 
+def allocated_gib() -> float:
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
 def run(a: argparse.Namespace) -> Path:
+    from maskpro.serve import sparse_linear as sl
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fill_defaults(a, GPU if device == "cuda" else CPU)
     dtype = DTYPES[a.dtype if device == "cuda" else "fp32"]
     out_path = output_path(a, f"generate-{a.tag or device_tag()}.json")
     model, desc = build_model(a, device, dtype)
-    dense = sweep(model, a, device, "dense")
-    from maskpro.serve.shared_input import fuse_all
-    from maskpro.serve.sparse_linear import _bucket, sparsify
-
-    fused = None
-    if a.dense_fused:
-        fuse_all(model)
-        fused = sweep(model, a, device, "dense fused")
-
+    weights_gib = {"dense": allocated_gib()}
+    sparse_model = copy.deepcopy(model)
     tokens = {b for b in a.batch_sizes} | {b * p for b in a.batch_sizes for p in a.prompts}
     # decode steps run as CUDA graphs here, so their buckets are planned by device time, without host overhead
-    report = sparsify(model, buckets=tuple(sorted({_bucket(t) for t in tokens})),
-                      graph_buckets=tuple({_bucket(b) for b in a.batch_sizes}) if device == "cuda" else ())
-    sparse = sweep(model, a, device, "2:4")
-    after = None
-    if a.dense_after:
-        from maskpro.serve.sparse_linear import set_dense_only
-
-        set_dense_only(model)
-        after = sweep(model, a, device, "dense after")
+    report = sl.sparsify(sparse_model, buckets=tuple(sorted({sl._bucket(t) for t in tokens})),
+                         graph_buckets=tuple({sl._bucket(b) for b in a.batch_sizes}) if device == "cuda" else ())
+    weights_gib["sparse"] = allocated_gib() - weights_gib["dense"]
+    variants = {"dense": Variant(model)}
+    swapped = [m for m in sparse_model.modules() if isinstance(m, sl.SparseLinear)]
+    if a.dense_fused and swapped and all(m.weight is not None for m in swapped):
+        # The 2:4 model forced to its kept dense weights is dense with the runtime's q/k/v and gate/up fusion.
+        variants["dense fused"] = Variant(sparse_model, lambda: sl.set_dense_only(sparse_model, True))
+    variants["2:4"] = Variant(sparse_model, lambda: sl.set_dense_only(sparse_model, False))
+    results, peaks = sweep(variants, a, device)
+    dense = {pt: r["dense"] for pt, r in results.items()}
+    sparse = {pt: r["2:4"] for pt, r in results.items()}
+    fused = {pt: r["dense fused"] for pt, r in results.items()} if "dense fused" in variants else None
     rows = rows_of(dense, sparse, a.max_spread, fused)
-    for row in rows if after else ():
-        row["dense_after"] = after[row["batch"], row["prompt_tokens"]]
+    for row in rows:
+        row["point_memory"] = peaks[row["batch"], row["prompt_tokens"]]
     first = rows[0]
     env = environment()
     out = {"device": env["device"], "model": desc, "dtype": str(dtype).removeprefix("torch."),
            "backend": "maskpro torch runtime", "batch": first["batch"], "prompt_tokens": first["prompt_tokens"],
            "new_tokens": a.new, "batch_sizes": a.batch_sizes, "prompt_lengths": a.prompts,
-           "max_spread": a.max_spread, "rows": rows,
-           "runtime": report, "env": env}
+           "max_spread": a.max_spread, "order": "interleaved", "variants": list(variants),
+           "weights_gib": weights_gib, "rows": rows, "runtime": report, "env": env}
     if "error" not in first["dense"] and "error" not in first["sparse"]:
         d, s = first["dense"], first["sparse"]
         out.update(decode_tokens_per_s={"dense": d["decode_tokens_per_s"], "sparse": s["decode_tokens_per_s"]},

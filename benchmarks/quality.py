@@ -1,10 +1,15 @@
 """Quality of every method on one model: WikiText-2 / C4 perplexity, zero-shot accuracy, time to prune.
 
   maskpro-bench quality --methods dense magnitude wanda sparsegpt maskpro maskpro@sparsegpt+recon
+  maskpro-bench quality --methods sparsegpt+block maskpro@sparsegpt+block --steps 12000
   maskpro-bench quality --model runs/tiny --quick        # small settings: a check that runs in a minute on CPU
 
 Method names: dense, magnitude, wanda, sparsegpt, and MaskPro variants written
-``maskpro[@sparsegpt][+recon]`` (learned on dense or on SparseGPT's weights; with OBS re-fit).
+``maskpro[@sparsegpt|@sparsegpt-block]`` (learned on dense or on SparseGPT's weights, optionally re-fitted
+block by block before learning); any of them with ``+recon`` (the kept weights re-fitted by
+SparseGPT's OBS solver from the dense weights) or ``+block`` (each decoder block re-fitted to the dense
+block's output, ``maskpro.block_recon``). A suffixed name is measured twice from one pruning run: without
+the re-fit, then with it.
 Results merge into ``quality-<tag>.json`` so several runs can fill one table; a PNG is drawn from it.
 ``--quick`` shrinks calibration, learning, perplexity windows and zero-shot examples; any option given
 explicitly still wins. Quick numbers are for checking the pipeline, not for comparing methods.
@@ -22,12 +27,19 @@ from pathlib import Path
 import torch
 
 from maskpro import data
+from maskpro.block_recon import BlockReconConfig
 from maskpro.evaluate import evaluate_perplexity
 from maskpro.learner import LearnerConfig
-from maskpro.models import load_model
+from maskpro.models import find_linears, load_model
 from maskpro.nm import NM
-from maskpro.oneshot import calibrated_prune
-from maskpro.pipeline import CalibConfig, PruneJob, run_prune, validate_job
+from maskpro.pipeline import (
+    RECON_SUFFIX,
+    CalibConfig,
+    PruneJob,
+    reconstruct,
+    run_prune,
+    validate_job,
+)
 from maskpro.zeroshot import evaluate_zeroshot
 
 from .env import add_output_args, environment, fill_defaults, merge_json, output_path
@@ -39,15 +51,23 @@ QUICK = {"calib_samples": 4, "calib_seq_len": 128, "steps": 5, "batch_size": 4, 
          "ppl_seq_len": 128, "ppl_windows": 8, "zeroshot": "piqa,arc_easy,boolq", "zs_limit": 16}
 
 
+def split_refit(name: str) -> tuple[str, str]:
+    """('maskpro@sparsegpt', 'block') for 'maskpro@sparsegpt+block'; the re-fit is 'none' without a suffix."""
+    for refit, suffix in RECON_SUFFIX.items():
+        if suffix and name.endswith(suffix):
+            return name.removesuffix(suffix), refit
+    return name, "none"
+
+
 def job_for(name: str, a) -> PruneJob | None:
+    """The pruning job of a method name, without its re-fit (run() applies that after measuring the job)."""
     if name == "dense":
         return None
-    base, _, rest = name.partition("@")
-    base = base.removesuffix("+recon")
-    learn_on = "sparsegpt" if rest.startswith("sparsegpt") else "dense"
-    # "+recon" is evaluated from the same learning run: first without, then with the OBS re-fit.
+    base, _, rest = split_refit(name)[0].partition("@")
+    learn_on = rest or "dense"
     return PruneJob(method=base, nm=a.nm, calib=CalibConfig(a.calib_samples, a.calib_seq_len, a.seed),
-                    init=a.init, learn_on=learn_on, reconstruct=False,
+                    init=a.init, learn_on=learn_on, reconstruct="none",
+                    block=BlockReconConfig(a.recon_epochs, a.recon_lr, a.recon_micro_batch, a.seed),
                     learner=LearnerConfig(nm=a.nm, steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale,
                                           batch_size=a.batch_size, loss=a.loss,
                                           seed=a.seed, checkpoint_every=10**9, log_every=100),
@@ -77,6 +97,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-docs", type=int, default=None, help="512 (quick 16)")
     g.add_argument("--windows-per-doc", type=int, default=1)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--recon-epochs", type=int, default=5, help="+block: passes over the calibration windows")
+    g.add_argument("--recon-lr", type=float, default=1e-3, help="+block: Adam step size")
+    g.add_argument("--recon-micro-batch", type=int, default=2, help="+block: calibration windows per Adam step")
+    g.add_argument("--refit-only", action="store_true",
+                   help="for +recon/+block names, measure only the re-fitted model (the method alone was measured "
+                        "before)")
     g.add_argument("--label", default=None, help="store a single method under this name instead")
     g = p.add_argument_group("evaluation (defaults: the full setting, or --quick's)")
     g.add_argument("--ppl-seq-len", type=int, default=None, help="2048 (quick 128)")
@@ -112,21 +138,31 @@ def run(a: argparse.Namespace) -> Path:
     for name in a.methods:
         model, tok = load_model(a.model, a.dtype, device)
         job = job_for(name, a)
+        base, refit = split_refit(name)
         row: dict = {}
         if job is not None:
             t0 = time.perf_counter()
             outcome = run_prune(model, tok, job, workdir=None, resume=False)
             row["prune_s"] = round(time.perf_counter() - t0, 2)
             row["info"] = outcome.info
-        record(a.label or name.removesuffix("+recon"), model, tok, row)
-        if name.endswith("+recon"):
-            del model
-            model, tok = load_model(a.model, a.dtype, device)  # dense weights, then OBS re-fit for the masks
+        label = a.label or base
+        if refit == "none" or not a.refit_only:
+            record(label, model, tok, row)
+        if job is not None and refit != "none":
+            job.reconstruct = refit
+            dense_model, _ = load_model(a.model, a.dtype, device)
+            dense = {n: m.weight.data for n, m in find_linears(dense_model, list(outcome.masks)).items()}
+            if refit == "obs":  # re-fit from the dense weights: the dense model becomes the pruned one
+                model, dense_model = dense_model, model
+            del dense_model
             t0 = time.perf_counter()
             calib = data.calibration_windows(tok, a.calib_samples, a.calib_seq_len, a.seed, a.data_dir)
-            calibrated_prune(model, calib, NM.parse(a.nm), "sparsegpt", fixed_masks=outcome.masks)
-            record(name, model, tok, {"prune_s": round(row["prune_s"] + time.perf_counter() - t0, 2),
-                                      "info": {**outcome.info, "reconstructed": "sparsegpt-obs"}})
+            done = reconstruct(model, job, NM.parse(a.nm), dense, outcome.masks, calib)
+            recon_s = round(time.perf_counter() - t0, 2)
+            record(label + RECON_SUFFIX[refit], model, tok,
+                   {"prune_s": round(row["prune_s"] + recon_s, 2), "reconstruct_s": recon_s,
+                    "info": {**outcome.info, "reconstructed": done}})
+            del dense
         del model
         if device == "cuda":
             torch.cuda.empty_cache()

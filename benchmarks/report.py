@@ -185,7 +185,9 @@ def generate_section(path: Path, d: dict) -> list[str]:
         if "error" in dn or "error" in sp:
             rows.append([r["batch"], r["prompt_tokens"], dn.get("error") or sp.get("error")] + ["-"] * 8)
             continue
-        mem = dn.get("peak_gib"), sp.get("peak_gib")
+        weights = d.get("weights_gib") or {}
+        mem = (weights.get("dense"), weights.get("sparse")) if weights.get("dense") else (dn.get("peak_gib"),
+                                                                                           sp.get("peak_gib"))
         mem_s = (f"{num(mem[0])} / {num(mem[1])} GiB" if mem[0] is not None else
                  f"{num(dn.get('peak_rss_mib'), 0)} / {num(sp.get('peak_rss_mib'), 0)} MiB RSS"
                  if dn.get("peak_rss_mib") else "-")
@@ -193,15 +195,17 @@ def generate_section(path: Path, d: dict) -> list[str]:
                      f"{num(dn.get('ms_per_token'), 3)} / {num(sp.get('ms_per_token'), 3)}",
                      f"{num(dn.get('decode_tokens_per_s'), 1)} / {num(sp.get('decode_tokens_per_s'), 1)}",
                      num(r.get("decode_speedup"), 3), num(r.get("ttft_speedup"), 3), mem_s,
-                     num(r.get("decode_speedup_vs_fused"), 3), num(r.get("dense_after", {}).get("ttft_ms")),
+                     num(r.get("decode_speedup_vs_fused"), 3), num(r.get("dense_fused", {}).get("ttft_ms")),
                      num(r.get("trusted"))])
     extra = f"model: {d.get('model', '?')}; {d.get('dtype', '?')}; {d.get('new_tokens', '?')} new tokens"
+    if d.get("order") == "interleaved":
+        extra += "; variants' repetitions interleaved"
     if d.get("device") == "cpu":
         extra += "; **CPU: a check of the harness**"
     return caption(path, d, extra) + table(
         ["batch", "prompt", "TTFT ms dense / 2:4", "ms per token dense / 2:4", "decode tok/s dense / 2:4",
-         "decode speedup", "TTFT speedup", "peak memory dense / 2:4", "decode speedup vs fused dense",
-         "TTFT dense after 2:4", "trusted"], rows)
+         "decode speedup", "TTFT speedup", "GPU memory dense / 2:4 (weights, or peak)",
+         "decode speedup vs fused dense", "TTFT fused dense", "trusted"], rows)
 
 
 def serve_section(path: Path, d: dict) -> list[str]:

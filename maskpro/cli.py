@@ -20,6 +20,8 @@ EPILOG = """examples:
   maskpro prune --method sparsegpt --nm 2:4 --out runs/sgpt            one-shot SparseGPT, 128x2048 C4 windows
   maskpro prune --method maskpro --steps 2000 --out runs/mp            MaskPro from SparseGPT's mask
   maskpro prune --method maskpro --learn-on sparsegpt --out runs/mp2   ... learned on SparseGPT's weights
+  maskpro prune --method maskpro --learn-on sparsegpt --reconstruct block --out runs/mp3
+                                                ... then each block's kept weights re-fitted to the dense block
   maskpro eval --model runs/mp --zeroshot all --json runs/mp/eval.json
   torchrun --nproc-per-node 2 -m maskpro.cli prune --method maskpro --out runs/mp   data-parallel over 2 GPUs
   maskpro prune --method maskpro --memory lean --device-map auto --model BIG --out runs/big   one process, big model
@@ -70,11 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-seq-len", type=int, default=2048)
     g.add_argument("--calib-file", default=None, help="a C4-style .jsonl with a 'text' field")
     g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("re-fit the kept weights for the final mask (any method)")
+    g.add_argument("--reconstruct", nargs="?", const="obs", default="none", choices=["none", "obs", "block"],
+                   help="obs: SparseGPT's solver, layer by layer, from the dense weights (bare --reconstruct); "
+                        "block: train each decoder block to reproduce the dense block's output")
+    g.add_argument("--recon-epochs", type=int, default=5, help="block: passes over the calibration windows")
+    g.add_argument("--recon-lr", type=float, default=1e-3, help="block: Adam step size")
+    g.add_argument("--recon-micro-batch", type=int, default=2, help="block: calibration windows per Adam step")
     g = p.add_argument_group("maskpro learner")
     g.add_argument("--init", default="sparsegpt", help="one-shot method for the prior mask")
-    g.add_argument("--learn-on", default="dense", choices=["dense", "sparsegpt"],
-                   help="weights the mask is learned on: dense (paper) or SparseGPT's compensated weights")
-    g.add_argument("--reconstruct", action="store_true", help="re-fit kept weights with SparseGPT's OBS after learning")
+    g.add_argument("--learn-on", default="dense", choices=["dense", "sparsegpt", "sparsegpt-block"],
+                   help="weights the mask is learned on: dense (paper), SparseGPT's compensated weights, or those "
+                        "with the kept ones first re-fitted block by block (--recon-* settings)")
     g.add_argument("--steps", type=int, default=1000)
     g.add_argument("--lr", type=float, default=50.0)
     g.add_argument("--lr-schedule", default="linear", choices=["linear", "constant"],
@@ -156,6 +165,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
 
     from . import distributed
     from .artifacts import save_pruned
+    from .block_recon import BlockReconConfig
     from .learner import CHECKPOINT, LearnerConfig
     from .models import load_model
     from .pipeline import CalibConfig, PruneJob, method_label, run_prune, validate_job
@@ -164,6 +174,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     job = PruneJob(method=a.method, nm=a.nm, targets=a.targets,
                    calib=CalibConfig(a.calib_samples, a.calib_seq_len, a.seed),
                    init=a.init, learn_on=a.learn_on, reconstruct=a.reconstruct,
+                   block=BlockReconConfig(a.recon_epochs, a.recon_lr, a.recon_micro_batch, a.seed),
                    learner=LearnerConfig(nm=a.nm, steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale, batch_size=a.batch_size,
                                          ema=a.ema, loss=a.loss, seed=a.seed, checkpoint_every=a.checkpoint_every,
                                          memory=a.memory, micro_batch=a.micro_batch),

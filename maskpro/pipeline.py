@@ -2,9 +2,14 @@
 
 MaskPro variants (``learn_on`` x ``reconstruct``):
   * paper:                 learn on the dense weights from a one-shot prior mask (``learn_on="dense"``).
-  * ``reconstruct=True``:  afterwards, SparseGPT's OBS solver re-fits the kept weights for the learned mask.
   * ``learn_on="sparsegpt"``: learn on SparseGPT's compensated weights (each weight's value when its group
     was decided), starting from SparseGPT's mask, so the search starts where SparseGPT ends.
+  * ``learn_on="sparsegpt-block"``: the same, after SparseGPT's kept weights were re-fitted block by block
+    (``maskpro.block_recon``); pruned entries keep their decided values, so a flip has a value to bring in.
+After any method, with its mask fixed, the kept weights can be re-fitted (``reconstruct``):
+  * ``"obs"``:   SparseGPT's OBS solver, layer by layer, from the dense weights;
+  * ``"block"``: each decoder block trained to reproduce the dense block's output (``maskpro.block_recon``),
+    starting from the method's own kept weights.
 
 Under ``torchrun`` every rank runs the same job on its own replica: the one-shot prior splits its
 calibration over the ranks and the learner its minibatches (see ``maskpro.distributed``), and every rank
@@ -16,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import data, distributed
+from .block_recon import BlockReconConfig, reconstruct_blocks
+from .checkpoint import load_tensors, save_tensors
 from .errors import MaskproError
 from .learner import LearnerConfig, MaskProLearner
 from .models import find_linears
@@ -31,6 +38,8 @@ from .oneshot import METHODS, calibrated_prune, prune
 log = logging.getLogger(__name__)
 
 ALL_METHODS = METHODS + ("maskpro",)
+RECONSTRUCT = ("none", "obs", "block")
+LEARN_ON = ("dense", "sparsegpt", "sparsegpt-block")
 
 
 @dataclass
@@ -51,9 +60,12 @@ class PruneJob:
     calib: CalibConfig = field(default_factory=CalibConfig)
     # MaskPro only:
     init: str = "sparsegpt"          # one-shot method giving the prior mask
-    learn_on: str = "dense"          # "dense" (paper) or "sparsegpt" (its compensated weights)
-    reconstruct: bool = False        # OBS re-fit of the kept weights after learning
+    learn_on: str = "dense"          # "dense" (paper), "sparsegpt" (its compensated weights) or
+                                     # "sparsegpt-block" (those, kept ones re-fitted block by block first)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    # Any method: re-fit the kept weights for the final mask ("none", "obs" or "block").
+    reconstruct: str = "none"
+    block: BlockReconConfig = field(default_factory=BlockReconConfig)
     seq_len: int = 128               # learner minibatch rows: the first n_docs C4 docs longer than this
     n_docs: int = 512                # 0: every calibration document
     windows_per_doc: int = 1         # >1: more 128-token rows per document (more data, less cycling)
@@ -73,8 +85,14 @@ def validate_job(job: PruneJob) -> NM:
         raise MaskproError(f"unknown method {job.method!r}; choose from {', '.join(ALL_METHODS)}")
     if job.method == "maskpro" and job.init not in METHODS:
         raise MaskproError(f"unknown --init {job.init!r}; the prior mask comes from {', '.join(METHODS)}")
-    if job.learn_on not in ("dense", "sparsegpt"):
-        raise MaskproError(f"unknown --learn-on {job.learn_on!r}; choose dense or sparsegpt")
+    if job.reconstruct not in RECONSTRUCT:
+        raise MaskproError(f"unknown --reconstruct {job.reconstruct!r}; choose from {', '.join(RECONSTRUCT)}")
+    if job.reconstruct == "block":
+        job.block.validate()
+    if job.learn_on not in LEARN_ON:
+        raise MaskproError(f"unknown --learn-on {job.learn_on!r}; choose from {', '.join(LEARN_ON)}")
+    if job.method == "maskpro" and job.learn_on != "dense" and job.init != "sparsegpt":
+        raise MaskproError(f"--learn-on {job.learn_on} needs --init sparsegpt (it learns on SparseGPT's weights)")
     nm = NM.parse(job.nm)
     if job.learner.nm != job.nm:
         job.learner.nm = job.nm
@@ -87,7 +105,6 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
     nm = validate_job(job)
     progress = progress and distributed.is_main()
     layers = find_linears(model, job.targets)
-    device = next(model.parameters()).device
     lean = job.learner.memory == "lean"
     info: dict = {"targets_glob": job.targets, "nm": str(nm)}
     t0 = time.perf_counter()
@@ -97,25 +114,54 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
         info["calibration"] = {"dataset": "c4", "n_samples": c.n_samples, "seq_len": c.seq_len, "seed": c.seed}
         return data.calibration_windows(tokenizer, c.n_samples, c.seq_len, c.seed, job.data_root, job.calib_file)
 
+    refit = job.reconstruct != "none"
+    # Dense weights: MaskPro's teacher and source, and what a re-fit starts from or aims at.
+    dense = {n: m.weight.data.to("cpu", copy=True) if lean else m.weight.data.clone() for n, m in layers.items()} \
+        if job.method == "maskpro" or refit else {}
+    one_shot = job.init if job.method == "maskpro" else job.method
+    windows = calib() if refit or one_shot != "magnitude" else None
     if job.method != "maskpro":
-        res = prune(model, job.method, nm, calib if job.method != "magnitude" else None, job.targets,
-                    batch=job.calib.batch, progress=progress)
-        info["prune_s"] = time.perf_counter() - t0
-        return PruneOutcome(res.masks, info)
+        masks = prune(model, job.method, nm, windows, job.targets, batch=job.calib.batch, progress=progress).masks
+    else:
+        masks = _learn(model, tokenizer, job, nm, layers, dense, windows, workdir, resume, progress, info, t0)
+    if refit:
+        t1 = time.perf_counter()
+        info["reconstructed"] = reconstruct(model, job, nm, dense, masks, windows, progress)
+        info["reconstruct_s"] = time.perf_counter() - t1
+    info["prune_s"] = time.perf_counter() - t0
+    return PruneOutcome(masks, info)
 
-    # MaskPro: prior from a one-shot method on a copy of the dense weights.
-    dense = {n: m.weight.data.to("cpu", copy=True) if lean else m.weight.data.clone() for n, m in layers.items()}
-    windows = calib() if job.init != "magnitude" or job.reconstruct else None
+
+def reconstruct(model, job: PruneJob, nm: NM, dense: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                windows: torch.Tensor, progress: bool = True) -> dict:
+    """Re-fit the kept weights of ``model`` for ``masks`` as ``job.reconstruct`` says; returns what was done."""
+    if job.reconstruct == "obs":  # from the dense weights, layer by layer
+        for n, m in find_linears(model, list(masks)).items():
+            m.weight.data = dense[n].to(m.weight.device)
+        calibrated_prune(model, windows, nm, "sparsegpt", job.targets, batch=job.calib.batch, fixed_masks=masks,
+                         progress=progress)
+        return {"method": "sparsegpt-obs"}
+    if distributed.current().distributed:
+        log.info("block reconstruction: every process fits the same blocks on the whole calibration set")
+    return reconstruct_blocks(model, dense, masks, windows, job.block, batch=job.calib.batch, progress=progress)
+
+
+def _learn(model, tokenizer, job: PruneJob, nm: NM, layers: dict, dense: dict[str, torch.Tensor],
+           windows: torch.Tensor | None, workdir, resume: bool, progress: bool, info: dict,
+           t0: float) -> dict[str, torch.Tensor]:
+    """MaskPro: a prior from a one-shot method, then the learner; the model ends with the learned masks."""
+    lean = job.learner.memory == "lean"
+    device = next(model.parameters()).device
     prior = prune(model, job.init, nm, windows, job.targets, batch=job.calib.batch,
-                  keep_decided=job.learn_on == "sparsegpt", progress=progress)
+                  keep_decided=job.learn_on != "dense", progress=progress)
     info["init"] = job.init
     info["init_s"] = time.perf_counter() - t0
-    if job.learn_on == "sparsegpt":
-        if job.init != "sparsegpt":
-            raise MaskproError("--learn-on sparsegpt needs --init sparsegpt (it learns on SparseGPT's weights)")
+    source = dense
+    if job.learn_on != "dense":
         source = {n: prior.decided[n] if lean else prior.decided[n].to(device) for n in layers}
-    else:
-        source = dense
+    if job.learn_on == "sparsegpt-block":
+        source = _refitted_source(model, job, layers, dense, prior.masks, source, windows, workdir, resume,
+                                  progress, info)
     for n, m in layers.items():  # the modules hold the dense model (the kd teacher); the learner masks `source`
         m.weight.data = dense[n].to(m.weight.device)
     batches = data.learning_batches(tokenizer, job.n_docs, job.seq_len, job.data_root, job.calib_file,
@@ -133,19 +179,46 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
                        "final_residual_ema": sum(result.residuals[-50:]) / max(1, len(result.residuals[-50:]))}
     changed = sum(int((result.masks[n] != prior.masks[n]).sum()) for n in layers)
     info["learner"]["changed_fraction"] = changed / sum(m.numel() for m in result.masks.values())
-    if job.reconstruct:
-        for n, m in layers.items():
-            m.weight.data = dense[n].to(m.weight.device)
-        calibrated_prune(model, windows, nm, "sparsegpt", job.targets, batch=job.calib.batch,
-                         fixed_masks=result.masks, progress=progress)
-        info["reconstructed"] = "sparsegpt-obs"
-    info["prune_s"] = time.perf_counter() - t0
-    return PruneOutcome(result.masks, info)
+    return result.masks
+
+
+REFIT_SOURCE = "refit-source.safetensors"
+
+
+def _refitted_source(model, job: PruneJob, layers: dict, dense: dict[str, torch.Tensor],
+                     masks: dict[str, torch.Tensor], decided: dict[str, torch.Tensor], windows: torch.Tensor,
+                     workdir, resume: bool, progress: bool, info: dict) -> dict[str, torch.Tensor]:
+    """SparseGPT's kept weights re-fitted block by block, its decided values elsewhere: what MaskPro learns on.
+
+    Saved in the work directory before learning starts, so a resumed run learns on exactly the same weights
+    (a GPU re-fit is not bit-for-bit repeatable) without re-fitting again."""
+    cached = Path(workdir) / REFIT_SOURCE if workdir else None
+    if cached is not None and resume and cached.is_file():
+        tensors, meta = load_tensors(cached)
+        if meta.get("block") == asdict(job.block) and set(tensors) == set(layers):
+            log.info("re-fitted weights to learn on: %s (saved by the interrupted run)", cached)
+            info["refit_before_learning"] = meta["report"]
+            return {n: tensors[n].to(decided[n].device, decided[n].dtype) for n in layers}
+    info["refit_before_learning"] = reconstruct_blocks(model, dense, masks, windows, job.block,
+                                                       batch=job.calib.batch, progress=progress)
+    source = {}
+    for n, m in layers.items():  # re-fitted kept values; pruned entries keep their decided values
+        keep = masks[n].to(decided[n].device)
+        source[n] = torch.where(keep, m.weight.data.to(decided[n].device), decided[n])
+    if cached is not None and distributed.is_main():
+        save_tensors(source, cached, {"block": asdict(job.block), "report": info["refit_before_learning"]})
+    distributed.barrier()
+    if cached is not None and not distributed.is_main():  # every rank learns on rank 0's bits
+        source = {n: t.to(decided[n].device, decided[n].dtype) for n, t in load_tensors(cached)[0].items()}
+    return source
 
 
 def method_label(job: PruneJob) -> str:
-    """A short name for reports: maskpro, maskpro+recon, maskpro@sparsegpt, ..."""
-    if job.method != "maskpro":
-        return job.method
-    label = "maskpro" if job.learn_on == "dense" else "maskpro@sparsegpt"
-    return label + ("+recon" if job.reconstruct else "")
+    """A short name for reports: maskpro, maskpro+recon, maskpro@sparsegpt+block, sparsegpt+block, ..."""
+    label = job.method
+    if job.method == "maskpro" and job.learn_on != "dense":
+        label = f"maskpro@{job.learn_on}"
+    return label + RECON_SUFFIX[job.reconstruct]
+
+
+RECON_SUFFIX = {"none": "", "obs": "+recon", "block": "+block"}

@@ -20,3 +20,16 @@ def test_quality_quick_on_tiny_model(tiny_model_dir, data_root, tmp_path):
         assert r["env"][name]["command"].startswith("maskpro-bench quality")
     assert r["methods"]["maskpro"]["info"]["learner"]["steps"] == 5  # the quick preset
     assert out.with_suffix(".png").is_file()
+
+
+def test_refit_suffix_measures_the_method_then_its_refit(tiny_model_dir, data_root, tmp_path):
+    out = tmp_path / "quality-block.json"
+    assert cli.main(["quality", "--model", str(tiny_model_dir), "--quick", "--methods", "wanda+block",
+                     "--recon-epochs", "2", "--zeroshot", "none", "--data-dir", str(data_root),
+                     "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["methods"]
+    assert set(r) == {"wanda", "wanda+block"}
+    done = r["wanda+block"]["info"]["reconstructed"]
+    assert done["method"] == "block" and done["epochs"] == 2
+    assert all(b["mse_after"] <= b["mse_before"] for b in done["blocks"])
+    assert r["wanda+block"]["reconstruct_s"] > 0 and r["wanda+block"]["prune_s"] >= r["wanda"]["prune_s"]
