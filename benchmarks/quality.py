@@ -150,10 +150,8 @@ def run(a: argparse.Namespace) -> Path:
             record(label, model, tok, row)
         if job is not None and refit != "none":
             job.reconstruct = refit
-            dense_model, _ = load_model(a.model, a.dtype, device)
+            dense_model, _ = load_model(a.model, a.dtype, device)  # only its weights are kept
             dense = {n: m.weight.data for n, m in find_linears(dense_model, list(outcome.masks)).items()}
-            if refit == "obs":  # re-fit from the dense weights: the dense model becomes the pruned one
-                model, dense_model = dense_model, model
             del dense_model
             t0 = time.perf_counter()
             calib = data.calibration_windows(tok, a.calib_samples, a.calib_seq_len, a.seed, a.data_dir)
