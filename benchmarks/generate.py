@@ -185,12 +185,13 @@ def measure(variants: dict[str, Variant], prompt_len: int, new_tokens: int, reps
     prepared = {n: _prepared(variants[n], prompt_len, new_tokens, device, batch) for n in names}
     ttft: dict[str, list[float]] = {n: [] for n in names}
     per_token: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(reps):
-        for n in names[rep % len(names):] + names[:rep % len(names)]:
+    orders = [names[rep % len(names):] + names[:rep % len(names)] for rep in range(reps)]  # A B C, B C A, ...
+    for order in orders:
+        for n in order:
             variants[n].setup()
             ttft[n].append(timer(prepared[n][0]))
-    for rep in range(reps):
-        for n in names[rep % len(names):] + names[:rep % len(names)]:
+    for order in orders:
+        for n in order:
             variants[n].setup()
             per_token[n].append(timer(prepared[n][1]()) / new_tokens)
     out = {}

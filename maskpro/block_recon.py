@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import recursively_apply
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -47,26 +48,16 @@ class BlockReconConfig:
                                f"{self.epochs}, {self.micro_batch}, {self.lr}; fix --recon-epochs/--recon-lr")
 
 
-def _to_float(obj, dtype: torch.dtype):
-    """Cast the floating tensors inside a block's keyword arguments (position embeddings, masks) to ``dtype``."""
-    if torch.is_tensor(obj):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_float(o, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_float(v, dtype) for k, v in obj.items()}
-    return obj
+def _as_float32(kw: dict) -> dict:
+    """A block's keyword arguments with their floating tensors (position embeddings, masks) in fp32."""
+    return recursively_apply(lambda t: t.float() if t.is_floating_point() else t, kw)
 
 
-def _rows(obj, sel: torch.Tensor, n: int):
+def _rows(kw: dict, sel: torch.Tensor, n: int) -> dict:
     """The selected batch rows of a block's keyword arguments (tensors whose first dimension is the batch)."""
-    if torch.is_tensor(obj):
-        return obj.index_select(0, sel.to(obj.device)) if obj.dim() and obj.shape[0] == n and n > 1 else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_rows(o, sel, n) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _rows(v, sel, n) for k, v in obj.items()}
-    return obj
+    if n == 1:
+        return kw
+    return recursively_apply(lambda t: t.index_select(0, sel.to(t.device)) if t.dim() and t.shape[0] == n else t, kw)
 
 
 def _swap(linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,6 +130,7 @@ def _fit_block(layer: nn.Module, linears: dict[str, nn.Linear], masks: dict[str,
     opt = torch.optim.Adam(params, lr=cfg.lr)
 
     dev = params[0].device
+    kw32 = [_as_float32(kw) for _, kw in inputs]  # cast once per block, not at every step
     # bf16 autocast on GPUs (fp32 master weights and loss): the block's matmuls on tensor cores.
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
 
@@ -148,11 +140,10 @@ def _fit_block(layer: nn.Module, linears: dict[str, nn.Linear], masks: dict[str,
         for b, r in idx:
             by_batch.setdefault(b, []).append(r)
         for b, rs in by_batch.items():
-            h, kw = inputs[b]
+            h = inputs[b][0]
             sel = torch.tensor(rs, device=h.device)
-            kw_rows = _to_float(_rows(kw, sel, h.shape[0]), torch.float32)
             with amp:
-                out = _layer_out(work(h.index_select(0, sel).float(), **kw_rows)).float()
+                out = _layer_out(work(h.index_select(0, sel).float(), **_rows(kw32[b], sel, h.shape[0]))).float()
             y = targets[b].index_select(0, sel).float()
             total = total + (out - y).pow(2).mean() * len(rs)
         return total / len(idx)

@@ -87,10 +87,10 @@ def validate_job(job: PruneJob) -> NM:
         raise MaskproError(f"unknown --init {job.init!r}; the prior mask comes from {', '.join(METHODS)}")
     if job.reconstruct not in RECONSTRUCT:
         raise MaskproError(f"unknown --reconstruct {job.reconstruct!r}; choose from {', '.join(RECONSTRUCT)}")
-    if job.reconstruct == "block":
-        job.block.validate()
     if job.learn_on not in LEARN_ON:
         raise MaskproError(f"unknown --learn-on {job.learn_on!r}; choose from {', '.join(LEARN_ON)}")
+    if job.reconstruct == "block" or (job.method == "maskpro" and job.learn_on == "sparsegpt-block"):
+        job.block.validate()  # before SparseGPT runs, not after
     if job.method == "maskpro" and job.learn_on != "dense" and job.init != "sparsegpt":
         raise MaskproError(f"--learn-on {job.learn_on} needs --init sparsegpt (it learns on SparseGPT's weights)")
     nm = NM.parse(job.nm)

@@ -88,3 +88,5 @@ def test_maskpro_learns_on_refitted_sparsegpt_weights_and_resumes_without_refitt
     assert meta6["learner"]["steps"] == 6 and meta6["refit_before_learning"] == meta["refit_before_learning"]
     assert main(["prune", "--method", "maskpro", "--learn-on", "sparsegpt-block", "--init", "wanda",
                  "--out", str(tmp_path / "bad")]) == 2
+    assert main(["prune", "--method", "maskpro", "--learn-on", "sparsegpt-block", "--recon-epochs", "0",
+                 "--out", str(tmp_path / "bad")]) == 2  # refused before any model is loaded
