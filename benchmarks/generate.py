@@ -13,7 +13,8 @@ with the runtime's fusion. Speedups are given against both dense variants. Their
 at every point, so drift over the process (which earlier sequential runs showed) falls on all alike.
 Prefill (TTFT) is one forward of the batch of prompts; decode runs one token per sequence per step on a
 static KV cache, captured in a CUDA graph where capture works (``decode_graph`` says which). CUDA events on
-GPU, perf_counter on CPU, median of ``--reps`` runs after warm-up; rows whose (p90-p10)/median exceeds
+GPU, perf_counter on CPU, median of ``--reps`` runs after warm-up (TTFT: ``TTFT_REPS_FACTOR`` times as many, as
+one prefill is short and noisier than a whole decode); rows whose (p90-p10)/median exceeds
 ``--max-spread`` are marked ``trusted: false``. Memory: ``weights_gib`` is what each model holds on the GPU,
 ``point_memory`` the allocator's peak at a point with every variant's cache (peak RSS on CPU). The backend is
 maskpro's PyTorch runtime; other engines are measured through their servers with ``maskpro-bench serve``.
@@ -173,6 +174,9 @@ def _prepared(v: Variant, prompt_len: int, new_tokens: int, device: str, batch: 
     return prefill, fresh_decode, graph is not None
 
 
+TTFT_REPS_FACTOR = 3  # prefills per decode repetition: one prefill is short, so its median needs more samples
+
+
 def measure(variants: dict[str, Variant], prompt_len: int, new_tokens: int, reps: int, device: str,
             batch: int = 1) -> dict[str, dict]:
     """TTFT of a batch of prompts and per-step decode time on a static cache, for every variant.
@@ -186,7 +190,7 @@ def measure(variants: dict[str, Variant], prompt_len: int, new_tokens: int, reps
     ttft: dict[str, list[float]] = {n: [] for n in names}
     per_token: dict[str, list[float]] = {n: [] for n in names}
     orders = [names[rep % len(names):] + names[:rep % len(names)] for rep in range(reps)]  # A B C, B C A, ...
-    for order in orders:
+    for order in orders * TTFT_REPS_FACTOR:
         for n in order:
             variants[n].setup()
             ttft[n].append(timer(prepared[n][0]))

@@ -5,12 +5,15 @@
   maskpro-bench kernels                                         # CPU: tiny shapes, a check of the harness
 
 Shape ``KxN`` is in_features x out_features (``y = x @ W.T``, W is N x K). Every path runs on many copies of
-the weights, rotated so that the bytes touched exceed 3x the L2 cache (no call finds its weights in L2).
+the weights, rotated so that the compressed 2:4 bytes touched exceed 3x the L2 cache (no call finds its weights
+in L2).
 
 - GPU: each path is captured in a CUDA graph of many calls and the replay is timed with CUDA events after
   warm-up (plain CUDA events where a path cannot be captured). Paths: dense cuBLAS, maskpro's ``mma.sp``
   tensor-core kernel (1-64 tokens) and Triton 2:4 kernels (best of their configs, what the runtime can pick)
-  and PyTorch's semi-structured 2:4 (cuSPARSELt/CUTLASS).
+  and PyTorch's semi-structured 2:4 (cuSPARSELt/CUTLASS). Decode rows (up to 64 tokens) also hold
+  ``read_floor_us``: the time of a kernel that only streams the compressed (and the dense) bytes, the floor
+  any decode kernel of that shape is bounded by.
 - CPU: ``time.perf_counter`` over the same rotation. Paths: dense torch and the 2:4 reference (decompress,
   then matmul, which is what ``maskpro.serve.sparse24`` does without a GPU). The numbers only check the
   harness; they say nothing about GPUs.
@@ -43,9 +46,11 @@ GPU = {"tokens": [1, 4, 16, 64, 256, 512, 2048, 8192], "dtype": "fp16", "reps": 
 CPU = {"tokens": [1, 4, 16, 64], "dtype": "fp32", "reps": 20, "config": "tiny"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_COPIES_CPU = 64
+COMPRESSED_FRACTION = 0.5625  # 2:4 values plus 2-bit positions, over the dense bytes
 RUNTIME_PATHS = ("sparse24-mma", "sparse24-triton", "torch-semi-structured")  # the paths maskpro.serve.sparse_linear chooses from
-METHOD = ("Each path runs over weight copies rotated to exceed 3x L2; GPU: CUDA-graph replay timed with CUDA events "
-          "after warm-up; CPU: perf_counter. Median and p10/p90 of --reps repetitions, dense and 2:4 in one process.")
+METHOD = ("Each path runs over weight copies rotated so that even the compressed 2:4 bytes exceed 3x L2; GPU: "
+          "CUDA-graph replay timed with CUDA events after warm-up; CPU: perf_counter. Median and p10/p90 of --reps "
+          "repetitions, dense and 2:4 in one process.")
 
 
 def positive_int(text: str) -> int:
@@ -180,6 +185,33 @@ def time_path(calls, reps: int, cuda: bool) -> tuple[list[float], str]:
         return event_times_us(calls, reps), "cuda-events"
 
 
+READ_FLOOR_SRC = r"""
+extern "C" __global__ void read_floor(const uint4* __restrict__ p, int n16, unsigned* out) {
+  unsigned acc = 0;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += gridDim.x * blockDim.x) {
+    const uint4 v = p[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) out[0] = acc;  // a store the compiler cannot prove dead keeps every load
+}
+"""
+
+
+def read_floor_us(nbytes: int, copies: int, reps: int) -> float:
+    """Median microseconds of a kernel that only streams ``nbytes`` (rotating over ``copies`` buffers, in a CUDA
+    graph, like the paths): what any kernel that reads those bytes needs, launch included. Fastest of 3 grids."""
+    kernel = sparse_mma.compile_kernel(READ_FLOOR_SRC, "read_floor")
+    bufs = [torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(copies)]
+    sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    best = math.inf
+    for blocks in (4 * sms, 8 * sms, 16 * sms):
+        calls = [lambda b=b, g=blocks: kernel(grid=(g, 1, 1), block=(256, 1, 1), args=[b, b.numel() // 16, sink])
+                 for b in bufs]
+        best = min(best, stats.summarize(graph_times_us(calls * 2, reps))["median"])
+    return round(best, 3)
+
+
 def _summary(times: list[float]) -> dict:
     s = stats.summarize(times)
     return {"us": round(s["median"], 3), "p10_p90_us": [round(s["p10"], 3), round(s["p90"], 3)],
@@ -220,13 +252,19 @@ def measure_shape(shape: str, layers: list[str], tokens: list[int], a: argparse.
         print(f"{shape}: in_features {k} is not a multiple of 8, which the 2:4 format needs; skipped", flush=True)
         return
     l2 = l2_bytes(cuda)
-    copies = max(2, math.ceil(3 * l2 / (n * k * dtype.itemsize)))
+    # enough copies that even the compressed weights (56% of the bytes) exceed 3x L2: no path finds its weights there
+    copies = max(2, math.ceil(3 * l2 / (n * k * dtype.itemsize * COMPRESSED_FRACTION)))
     if not cuda:
         copies = min(copies, MAX_COPIES_CPU)
     ws = make_weights(k, n, copies, dtype, device)
     comp = [sparse24.compress_24(w) for w in ws]
     lay = ([sparse_mma.mma_layout(v, m) for v, m in comp]
            if "mma" in a.paths and sparse_mma.available() and sparse_mma.mma_ok(n, k) else None)
+    floor = None  # how close decode gets to streaming its bytes: dense and compressed read floors
+    if sparse_mma.available() and dtype.itemsize == 2 and min(tokens) <= sparse_mma.MAX_TOKENS:
+        dense_bytes = n * k * dtype.itemsize
+        floor = {"compressed": read_floor_us(int(dense_bytes * COMPRESSED_FRACTION), copies, a.reps),
+                 "dense": read_floor_us(dense_bytes, copies, a.reps)}
     for t in tokens:
         xs = [torch.randn(t, k, device=device, dtype=dtype) for _ in range(2)]
         dense_calls = [lambda w=w, x=xs[i % 2]: torch.nn.functional.linear(x, w) for i, w in enumerate(ws)]
@@ -253,6 +291,8 @@ def measure_shape(shape: str, layers: list[str], tokens: list[int], a: argparse.
                "dense_us": dense["us"], "dense_p10_p90_us": dense["p10_p90_us"], "paths": paths,
                "timing": how, "weight_copies": copies,
                "rotating_mib": round(copies * n * k * dtype.itemsize / 2**20, 1), "l2_mib": round(l2 / 2**20, 1)}
+        if floor and t <= sparse_mma.MAX_TOKENS:
+            row["read_floor_us"] = floor
         timed = {p: d for p, d in paths.items() if "us" in d}
         if timed:
             best = min(timed, key=lambda p: timed[p]["us"])

@@ -165,7 +165,7 @@ def kernels_section(path: Path, d: dict) -> list[str]:
                      f"{num(r['dense_us'])} ({span(r.get('dense_p10_p90_us'))})", r["best"] or "-",
                      f"{num(best.get('us'))} ({span(best.get('p10_p90_us'))})" if best else "-",
                      num(best.get("speedup"), 3), r.get("runtime_path", "-"), num(r.get("speedup"), 3),
-                     num(r["trusted"])])
+                     floor_cell(r.get("read_floor_us")), num(r["trusted"])])
     untrusted = sum(not r["trusted"] for r in krows)
     extra = f"{len(rows)} rows, {untrusted} not trusted (spread above {d.get('max_spread', stats.MAX_SPREAD):.0%})"
     if d.get("device") == "cpu":
@@ -174,7 +174,13 @@ def kernels_section(path: Path, d: dict) -> list[str]:
         extra += "; **the run did not finish**"
     return caption(path, d, extra) + table(
         ["shape (in x out)", "layers", "tokens", "dtype", "dense us (p10-p90)", "best 2:4 path",
-         "2:4 us (p10-p90)", "2:4 speedup", "runtime picks", "runtime speedup", "trusted"], rows)
+         "2:4 us (p10-p90)", "2:4 speedup", "runtime picks", "runtime speedup", "read floor us 2:4 / dense",
+         "trusted"], rows)
+
+
+def floor_cell(floor: dict | None) -> str:
+    """A decode row's read floors (streaming the compressed / dense bytes), or "-" where not measured."""
+    return f"{num(floor['compressed'])} / {num(floor['dense'])}" if floor else "-"
 
 
 def generate_section(path: Path, d: dict) -> list[str]:

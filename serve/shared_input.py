@@ -8,7 +8,9 @@ rows gives one larger product and one launch instead of three.
 The model's code is left alone: each member keeps its name and is called as before. The first member called
 with an input computes the fused product and hands the other members their slices when they are called with
 the same tensor object; any other input (or a second call by the same member) recomputes, so a wrong guess
-about which layers share an input costs time, never correctness.
+about which layers share an input costs time, never correctness. Where the fused module would run its dense
+weight on a prefill-sized input (``runs_dense_rows``), each member runs its own rows of it instead: unfused
+dense products were faster there.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class SharedInputLinear(nn.Module):
         super().__init__()
         self.fused, self._shared, self.index = fused, shared, index
         self.start, self.stop = start, stop
+        self._rows_of: tuple | None = None
+        self._rows_views: tuple = ()
         self.in_features, self.out_features = fused.in_features, stop - start
 
     @property
@@ -57,7 +61,21 @@ class SharedInputLinear(nn.Module):
         return None if w is None else w[self.start:self.stop]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._shared.output(x, self.index, self.fused)
+        fused = self.fused
+        split = getattr(type(fused), "runs_dense_rows", None)
+        if split is not None and split(fused, x):
+            return nn.functional.linear(x, *self._rows(fused))
+        return self._shared.output(x, self.index, fused)
+
+    def _rows(self, fused: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This member's rows of the fused weight and bias, as views made once (per prefill they cost more
+        than the product's launch) and again if the fused module's tensors were replaced."""
+        w, b = fused.weight, fused.bias
+        key = (w.data_ptr(), None if b is None else b.data_ptr())
+        if self._rows_of != key:
+            self._rows_views = (w[self.start:self.stop], None if b is None else b[self.start:self.stop])
+            self._rows_of = key
+        return self._rows_views
 
     def extra_repr(self) -> str:
         return f"rows {self.start}:{self.stop} of a fused {type(self.fused).__name__}"

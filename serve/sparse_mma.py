@@ -9,6 +9,12 @@ The weights are stored once, off line, in the exact per-lane order of the instru
 all coalesced. A block owns ``rows`` tiles of 16 output rows; its ``warps`` split K and add up through shared
 memory. Tokens are the instruction's N side (8 per MMA), so 1-64 tokens are one to eight MMAs per tile.
 
+Two things bring it near the read floor, a kernel that only streams the same bytes (``kernels-h100.json``:
+9.5 us at 1 token on 4096x4096 against a floor of 8.4 us and dense cuBLAS's 16.8 us): the weights are read with
+``ld.global.nc.L1::no_allocate`` (used once, they no longer evict the inputs from L1, which mattered most at 16
+tokens), and small blocks of 4-8 warps with ``__launch_bounds__`` minimum-blocks hints that keep 2-3 blocks
+resident per SM, each with its whole share of loads in flight (16-warp blocks fitted one per SM).
+
 Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k32" with sparse A, f16/bf16, selector 0), with
 ``g = lane // 4`` and ``t = lane % 4``:
 - A (16x16 kept values of a 16x32 tile): regs hold rows (g, g+8, g, g+8) at kept columns (2t, 2t, 2t+8, 2t+8)
@@ -41,11 +47,16 @@ class MmaConfig:
     warps: int = 8  # warps per block, splitting K
     split: int = 1  # blocks per row tile, splitting K further (the last one to finish adds up)
     unroll: int = 2
+    min_blocks: int = 1  # blocks per SM the compiler must leave registers for (``__launch_bounds__``)
 
 
-# Configs worth timing, pruned to those that won a shape/token count on an H100 (probe of 2026-11-24 over
-# 18 configs, Llama-2-7B shapes at 1-64 tokens); each is one NVRTC compile per token tile count.
-MMA_CANDIDATES = [MmaConfig(1, 16), MmaConfig(1, 32), MmaConfig(2, 8), MmaConfig(2, 16), MmaConfig(2, 32),
+# Configs worth timing, each one NVRTC compile per token tile count. The first three won every Llama-2-7B
+# decode shape at 1-16 tokens within 2% on an H100 (probe of 2026-11-24 over 150 configs); the others won at
+# 32-64 tokens or split K for layers with few output rows (SmolLM2's 192-576).
+MMA_CANDIDATES = [MmaConfig(1, 8, unroll=4, min_blocks=2), MmaConfig(1, 4, unroll=8, min_blocks=3),
+                  MmaConfig(2, 4, min_blocks=3), MmaConfig(1, 8, split=2, unroll=4, min_blocks=2),
+                  MmaConfig(1, 4, split=4, unroll=4, min_blocks=4),
+                  MmaConfig(1, 16), MmaConfig(1, 32), MmaConfig(2, 8), MmaConfig(2, 16), MmaConfig(2, 32),
                   MmaConfig(2, 16, unroll=4), MmaConfig(4, 8), MmaConfig(4, 8, split=2)]
 
 
@@ -88,11 +99,41 @@ def mma_layout(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, 
     return tiles.contiguous(), positions.contiguous()
 
 
+def mma_unlayout(tiles: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compress_24``'s (values, meta) back from :func:`mma_layout`'s output (the same bytes, reordered), so a
+    layer that stores only the fragment-ordered copy can still be expanded where dense is faster (prefill)."""
+    n, kt = tiles.shape[0] * 16, tiles.shape[1]
+    k = kt * 32
+    # tiles: (tile row, k tile, g, t, s, h) -> (tile row, h, g, k tile, s, t), then the tile's group order undone
+    pairs = tiles.reshape(n // 16, kt, 8, 4, 2, 2).permute(0, 5, 2, 1, 4, 3).reshape(n, kt, 8)
+    inverse = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7], device=tiles.device)
+    values = pairs[:, :, inverse].reshape(n, k // 4).contiguous().view(dtype).reshape(n, k // 2)
+    words = positions.reshape(n // 16, k // 128, 8, 2, 4).permute(0, 2, 1, 4, 3).reshape(n // 16, 1, 8, kt, 2, 1)
+    shift = ((4 * torch.arange(4, device=tiles.device))[None, None, None, None, None, :]
+             + (16 * torch.arange(2, device=tiles.device))[None, :, None, None, None, None])
+    nib = ((words.to(torch.int64) & 0xFFFFFFFF) >> shift) & 15                     # (n/16, 2, 8, kt, 2, 4)
+    nib = nib.reshape(n, kt, 8)[:, :, inverse].reshape(n, k // 4)
+    meta = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    return values.contiguous(), meta
+
+
+# The config used where no plan was measured (the vLLM plugin, whose CUDA-graph capture forbids timing): the
+# fastest at 4 of the 9 Llama-2-7B decode points on an H100 (``kernels-h100.json``), and that at 16 tokens.
+DEFAULT_CONFIG = MmaConfig(1, 8, unroll=4, min_blocks=2)
+
+
 _SOURCE = r"""
 #define R __ROWS__
 #define W __WARPS__
 #define NT __NTILES__
 #define S __SPLIT__
+// weights are read once: stream them past L1 so the inputs, read by every block, stay there
+__device__ __forceinline__ uint4 ldnc(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
 __device__ __forceinline__ unsigned short to16(float f) {
   unsigned short h; asm("cvt.rn.__TY__.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
 }
@@ -105,7 +146,7 @@ __device__ __forceinline__ void mma(float* c, const uint4& a, const unsigned* b,
 // grid: (O / (16 R), S). Block (i, s) adds up K groups s, s+S, ... of its R row tiles over its W warps; with
 // S > 1 each block leaves its partial sums in ws and the last block of a row tile to finish adds them, in
 // order (so the result does not depend on timing), and resets the tile's counter for the next call.
-extern "C" __global__ void __launch_bounds__(32 * W) sp24_mma(
+extern "C" __global__ void __launch_bounds__(32 * W, __MINB__) sp24_mma(
     const uint4* __restrict__ tiles, const uint4* __restrict__ pos, const unsigned* __restrict__ x,
     unsigned short* __restrict__ y, float* __restrict__ ws, unsigned* __restrict__ counters, int T, int K, int O) {
   __shared__ float acc[R * 16 * NT * 8];
@@ -128,8 +169,8 @@ extern "C" __global__ void __launch_bounds__(32 * W) sp24_mma(
     for (int r = 0; r < R; r++) {
       const uint4* tp = tiles + ((size_t)(rt0 + r) * KT + kg * 4) * 32 + lane;
 #pragma unroll
-      for (int j = 0; j < 4; j++) a[r][j] = tp[j * 32];
-      e[r] = pos[((size_t)(rt0 + r) * KG + kg) * 16 + plane];
+      for (int j = 0; j < 4; j++) a[r][j] = ldnc(tp + j * 32);
+      e[r] = ldnc(pos + ((size_t)(rt0 + r) * KG + kg) * 16 + plane);
     }
 #pragma unroll
     for (int j = 0; j < 4; j++) {
@@ -199,13 +240,13 @@ def _kernel(cfg: MmaConfig, ntiles: int, dtype: torch.dtype, device: int):
     ty = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
     src = (_SOURCE.replace("__ROWS__", str(cfg.rows)).replace("__WARPS__", str(cfg.warps))
            .replace("__NTILES__", str(ntiles)).replace("__TY__", ty).replace("__SPLIT__", str(cfg.split))
-           .replace("__UNROLL__", str(cfg.unroll)))
+           .replace("__UNROLL__", str(cfg.unroll)).replace("__MINB__", str(cfg.min_blocks)))
     last = None
     # ``mma.sp::ordered_metadata`` is the form newer PTX asks for; plain ``mma.sp`` is its older spelling.
     for op in ("mma.sp::ordered_metadata", "mma.sp"):
         try:
             with torch.cuda.device(device):
-                return _Launcher(_compile(src.replace("__MMA__", op), "sp24_mma"))
+                return _Launcher(compile_kernel(src.replace("__MMA__", op), "sp24_mma"))
         except RuntimeError as e:
             last = e
     raise RuntimeError(f"NVRTC could not build the mma.sp kernel: {last}")
@@ -237,8 +278,9 @@ class _Launcher:
             raise RuntimeError(f"launching the mma.sp kernel failed with CUDA error {err}")
 
 
-def _compile(src: str, name: str):
-    """NVRTC through PyTorch; its include-path lookup wants a CUDA_HOME, which pip-only images lack."""
+def compile_kernel(src: str, name: str):
+    """A header-free CUDA C++ kernel compiled with NVRTC through PyTorch (its include-path lookup wants a
+    CUDA_HOME, which pip-only images lack)."""
     import torch.utils.cpp_extension as ext
 
     if ext.CUDA_HOME is None:  # the kernel includes no headers, so any directory will do
@@ -246,8 +288,10 @@ def _compile(src: str, name: str):
     return torch.cuda._compile_kernel(src, name)
 
 
+@cache
 def available() -> bool:
-    """Whether this process can run the kernel (a CUDA GPU with sparse tensor cores and NVRTC)."""
+    """Whether this process can run the kernel (a CUDA GPU with sparse tensor cores and NVRTC); asked per call
+    on the untimed decode path, and the answer cannot change within a process."""
     if not torch.cuda.is_available() or not hasattr(torch.cuda, "_compile_kernel"):
         return False
     return torch.cuda.get_device_capability() >= (8, 0)

@@ -11,8 +11,11 @@ CUDA GPU with vLLM before relying on it (the API may also differ in other vLLM r
 Why a plugin: vLLM 0.19.0 and later dropped 2:4 compressed-tensors (vllm PR 36799), so the dense checkpoint
 written by ``maskpro-export --engine vllm`` (``maskpro.export.vllm``) runs on dense kernels. This plugin
 registers a quantization method ``"maskpro"`` whose linear method loads the same dense weights, then
-compresses every maskpro target to (values, meta) with ``maskpro.serve.sparse_linear.compress_24`` and
-runs it with ``sparse_linear``. Nothing in the checkpoint changes.
+compresses every maskpro target to (values, meta) with ``maskpro.serve.sparse_linear.compress_24``. Where
+the GPU runs maskpro's ``mma.sp`` kernel (sm_80+, NVRTC) and the shape tiles (out % 16, in % 128), those bytes
+are stored in the kernel's fragment order and run with ``sparse_linear_mma`` (the kernel at 1-16 tokens, 1.5-1.8x
+cuBLAS on Llama-2-7B shapes; the expanded weight beyond); otherwise with ``sparse_linear`` (the Triton kernel at
+1-16 tokens). Nothing in the checkpoint changes.
 
 Enable it
     ``pip install maskpro`` registers the entry point (group ``vllm.general_plugins``, name ``maskpro``,
@@ -93,6 +96,7 @@ VLLM_VERSION = "0.33.0"            # the vLLM whose source this was written agai
 CONFIG_KEY = "maskpro"             # the block maskpro-export writes into config.json
 DENSE_ENV = "MASKPRO_VLLM_DENSE"   # "1" keeps every layer dense
 OP_NAME = "maskpro_vllm::sparse_linear_24"
+OP_NAME_MMA = "maskpro_vllm::sparse_linear_24_mma"
 MIN_CAPABILITY = 80                # Ampere: first GPUs with 2:4 sparse tensor cores
 NOT_TARGET = "not a maskpro target"
 GROUP = 4                          # the kernels' M: K shards must hold whole groups of 4
@@ -105,8 +109,8 @@ ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "dense", "fc2", "c_proj", "w2
 
 __all__ = ["MaskproMeta", "LayerPlan", "read_maskpro_metadata", "meta_from_dict", "config_block",
            "claims_quant_config", "fits_24", "hf_module_names", "target_plan", "shard_plan", "check_24",
-           "decide_sparse", "checkpoint_plan", "compress_weight", "sparse_linear_24", "register",
-           "vllm_classes"]
+           "decide_sparse", "checkpoint_plan", "compress_weight", "sparse_linear_24", "sparse_linear_24_mma",
+           "register", "vllm_classes"]
 
 
 # ------------------------------------------------------------------------------------------ metadata
@@ -374,37 +378,77 @@ def compress_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     return values, meta
 
 
-_OP: Any = None
+def _mma_kernels() -> tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., Tensor],
+                            Callable[[int, int], bool]] | None:
+    """maskpro's (mma_layout, sparse_linear_mma, fits(out, in)) for the ``mma.sp`` decode kernel, or None where
+    this process cannot run it (no CUDA GPU with sparse tensor cores and NVRTC, or an older maskpro)."""
+    try:
+        from maskpro.serve import sparse_linear, sparse_mma
+    except ImportError:
+        return None
+    if not (hasattr(sparse_linear, "sparse_linear_mma") and sparse_mma.available()):
+        return None
+    return (sparse_mma.mma_layout, sparse_linear.sparse_linear_mma,
+            lambda out, k: sparse_mma.mma_ok(out, k, sparse_mma.DEFAULT_CONFIG))
 
 
-def _register_op() -> Any:
-    """Register the custom op once per process; opaque to torch.compile, which vLLM runs by default."""
-    global _OP
-    if _OP is not None:
-        return _OP
+_OPS: dict[str, Any] = {}
 
-    def impl(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], out_features: int,
+
+def _custom_op(name: str, linear_of: Callable[[], Callable[..., Tensor]]) -> Any:
+    """Register ``name`` once per process as a custom op around ``linear_of()``: opaque to torch.compile, which
+    vLLM runs by default, so the kernel choice per token count stays a run-time branch."""
+    if name in _OPS:
+        return _OPS[name]
+
+    def impl(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], out_features: int,
              in_features: int) -> Tensor:
-        _, linear = _kernels()
-        return linear(x, values, meta, bias, out_features, in_features)
+        return linear_of()(x, a, b, bias, out_features, in_features)
 
-    op = torch.library.custom_op(OP_NAME, impl, mutates_args=())
+    op = torch.library.custom_op(name, impl, mutates_args=())
 
     @op.register_fake
-    def _fake(x: Tensor, values: Tensor, meta: Tensor, bias: Optional[Tensor], out_features: int,
+    def _fake(x: Tensor, a: Tensor, b: Tensor, bias: Optional[Tensor], out_features: int,
               in_features: int) -> Tensor:
         return x.new_empty((*x.shape[:-1], out_features))
 
-    _OP = op
+    _OPS[name] = op
     return op
+
+
+def _register_op() -> Any:
+    """The op over (values, meta): maskpro's ``sparse_linear`` (Triton decode kernel, else dense)."""
+    return _custom_op(OP_NAME, lambda: _kernels()[1])
+
+
+def _register_mma_op() -> Any:
+    """The op over the ``mma.sp`` fragment order: maskpro's ``sparse_linear_mma`` (which expands the weight
+    where the kernel cannot run)."""
+    def linear() -> Callable[..., Tensor]:
+        from maskpro.serve.sparse_linear import sparse_linear_mma
+
+        return sparse_linear_mma
+    return _custom_op(OP_NAME_MMA, linear)
+
+
+def _checked(x: Tensor, in_features: int) -> None:
+    if x.shape[-1] != in_features:
+        raise MaskproError(f"input has {x.shape[-1]} features, the layer expects {in_features}")
 
 
 def sparse_linear_24(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None, out_features: int,
                      in_features: int) -> Tensor:
     """``x @ W.T + bias`` for a compressed 2:4 ``W`` through the custom op (and so through ``sparse_linear``)."""
-    if x.shape[-1] != in_features:
-        raise MaskproError(f"input has {x.shape[-1]} features, the layer expects {in_features}")
+    _checked(x, in_features)
     return _register_op()(x, values, meta, bias, int(out_features), int(in_features))
+
+
+def sparse_linear_24_mma(x: Tensor, tiles: Tensor, positions: Tensor, bias: Tensor | None, out_features: int,
+                         in_features: int) -> Tensor:
+    """The same for a ``W`` kept only in the ``mma.sp`` fragment order (``sparse_linear_mma``: the ``mma.sp``
+    kernel at 1-16 tokens, the expanded weight on cuBLAS beyond)."""
+    _checked(x, in_features)
+    return _register_mma_op()(x, tiles, positions, bias, int(out_features), int(in_features))
 
 
 # ---------------------------------------------------------------------------------------- vLLM glue
@@ -458,14 +502,19 @@ def vllm_classes() -> tuple[type, type]:
             layer.maskpro_plan = shard_plan(input_size_per_partition, output_partition_sizes, input_size)
             layer.maskpro_shape = (int(sum(output_partition_sizes)), int(input_size_per_partition))
             layer.maskpro_sparse = False
+            layer.maskpro_kernel = ""
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             weight = layer.weight.data
             plan = decide_sparse(weight, layer.maskpro_plan, self.prefix)
+            mma = _mma_kernels() if plan.sparse and weight.dtype in (torch.float16, torch.bfloat16) else None
+            mma = mma if mma is not None and mma[2](*weight.shape) else None
             if plan.sparse:
                 try:
-                    _register_op()
+                    (_register_op if mma is None else _register_mma_op)()
                     values, meta = compress_weight(weight)
+                    if mma is not None:  # the same bytes in the instruction's fragment order
+                        values, meta = mma[0](values, meta)
                 except Exception as e:  # a shape or dtype the kernels refuse: serve it dense instead
                     plan = LayerPlan(False, f"compress_24 refused it ({type(e).__name__}: "
                                             f"{str(e).splitlines()[0] if str(e) else ''})")
@@ -475,13 +524,17 @@ def vllm_classes() -> tuple[type, type]:
                 self.dense.process_weights_after_loading(layer)
                 return
             delattr(layer, "weight")  # the dense copy is what 2:4 saves; apply() never reads it
-            layer.register_parameter("maskpro_values", torch.nn.Parameter(values, requires_grad=False))
-            layer.register_parameter("maskpro_meta", torch.nn.Parameter(meta, requires_grad=False))
+            layer.maskpro_kernel = "mma" if mma is not None else "triton"
+            names = ("maskpro_tiles", "maskpro_positions") if mma is not None else ("maskpro_values", "maskpro_meta")
+            for name, t in zip(names, (values, meta)):
+                layer.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
             layer.maskpro_sparse = True
 
         def apply(self, layer: torch.nn.Module, x: Tensor, bias: Tensor | None = None) -> Tensor:
             if layer.maskpro_sparse:
                 out, k = layer.maskpro_shape
+                if layer.maskpro_kernel == "mma":
+                    return sparse_linear_24_mma(x, layer.maskpro_tiles, layer.maskpro_positions, bias, out, k)
                 return sparse_linear_24(x, layer.maskpro_values, layer.maskpro_meta, bias, out, k)
             return self.dense.apply(layer, x, bias)
 
@@ -586,6 +639,7 @@ def register() -> None:
         vllm_linear.WEIGHT_LOADER_V2_SUPPORTED.append(method_cls.__name__)
     register_quantization_config(METHOD)(config_cls)
     _register_op()
+    _register_mma_op()
     _REGISTERED = True
     log.debug("maskpro: registered quantization method %r", METHOD)
 

@@ -25,7 +25,8 @@ FIXTURES = {
              "dense_us": 36.04, "dense_p10_p90_us": [35.9, 36.2], "best_path": "sparse24-triton",
              "paths": {"sparse24-triton": {"us": 26.1, "p10_p90_us": [26.0, 26.3], "speedup": 1.381},
                        "torch-semi-structured": {"error": "RuntimeError: not supported"}},
-             "runtime_path": "sparse24-triton", "speedup": 1.381, "trusted": True},
+             "runtime_path": "sparse24-triton", "speedup": 1.381, "read_floor_us": {"compressed": 19.1, "dense": 32.2},
+             "trusted": True},
             {"shape": "4096x11008", "layers": ["gate_proj", "up_proj"], "tokens": 16, "dtype": "float16",
              "dense_us": 36.7, "dense_p10_p90_us": [30.0, 45.0], "best_path": "sparse24-triton",
              "paths": {"sparse24-triton": {"us": 142.9, "p10_p90_us": [142.0, 143.0], "speedup": 0.257}},
@@ -94,7 +95,8 @@ def test_report_renders_fixture_json(tmp_path):
     lines = md.splitlines()
     row = next(ln for ln in lines if ln.startswith("| 4096x11008 | gate_proj, up_proj | 1 |"))
     assert "36.04 (35.90-36.20)" in row and "26.10 (26.00-26.30)" in row and "1.381" in row and row.endswith("yes |")
-    assert next(ln for ln in lines if ln.startswith("| 4096x11008 | gate_proj, up_proj | 16 |")).endswith("**no** |")
+    assert "| 19.10 / 32.20 |" in row  # the read floors of a decode row
+    assert next(ln for ln in lines if ln.startswith("| 4096x11008 | gate_proj, up_proj | 16 |")).endswith("- | **no** |")
     assert "2 rows, 1 not trusted" in md
     old = next(ln for ln in lines if ln.startswith("| 4096x4096 | - | 1 |"))
     assert "14.99 (14.91-15.24)" in old and old.endswith("yes |")  # spread from the recorded p10/p90
@@ -117,7 +119,7 @@ def test_report_of_committed_results_is_current(tmp_path):
     """SUMMARY.md (which the README links) matches the committed JSON; rerun `maskpro-bench report` if not."""
     assert (RESULTS / "SUMMARY.md").read_text() == render(RESULTS), \
         "benchmarks/results/SUMMARY.md is stale: run `maskpro-bench report --plots none` and commit it"
-    for readme_number in ("87.62", "98.94", "13.22 (13.15-13.28)", "1.574", "116.9 / 154.9", "1.837", "43.29"):
+    for readme_number in ("87.62", "98.94", "13.22 (13.15-13.28)", "1.510", "118.1 / 177.6", "1.837", "43.29"):
         assert readme_number in (RESULTS / "SUMMARY.md").read_text()
     # rendering elsewhere reads only: a copy renders the same text with no file written next to the results
     copy = tmp_path / "results"

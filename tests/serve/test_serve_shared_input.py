@@ -46,6 +46,26 @@ def test_fused_groups_match_separate_linears_and_compute_once():
         torch.testing.assert_close(again, first)
 
 
+def test_members_run_their_own_dense_rows_at_prefill_sizes():
+    from maskpro.serve.sparse_linear import SparseLinear
+
+    model = _model()
+    group = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    fused, members = shared_input.fuse(model, group)
+    sparse = SparseLinear(fused)  # no plan: the dense weight, as the runtime's prefill buckets mostly pick
+    calls = []
+    sparse.register_forward_hook(lambda *_: calls.append(1))
+    for m in members:
+        m.fused = sparse
+    with torch.no_grad():
+        for tokens, fused_calls in ((8, 1), (100, 0)):  # decode sizes: one fused product; prefill: none
+            calls.clear()
+            x = torch.randn(tokens, 64)
+            outs = [m(x) for m in members]
+            assert len(calls) == fused_calls
+            torch.testing.assert_close(torch.cat(outs, -1), x @ fused.weight.T)
+
+
 def test_only_complete_groups_of_candidates_are_fused():
     model = _model()
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

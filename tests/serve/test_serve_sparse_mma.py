@@ -8,6 +8,7 @@ from maskpro.serve.sparse_mma import (
     MmaConfig,
     mma_layout,
     mma_ok,
+    mma_unlayout,
     sparse_mma_mm,
 )
 
@@ -72,6 +73,14 @@ def test_layout_bytes_are_the_compressed_bytes():
     assert tiles.numel() * 4 == values.numel() * 2 and positions.numel() * 4 == meta.numel()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unlayout_gives_back_the_compressed_weight(dtype):
+    w = _weight(48, 384, dtype)
+    values, meta = sparse24.compress_24(w)
+    back = mma_unlayout(*mma_layout(values, meta), dtype)
+    assert torch.equal(back[0], values) and torch.equal(back[1], meta)
+
+
 def test_shapes_the_kernel_cannot_cover_are_refused():
     assert mma_ok(4096, 11008) and mma_ok(11008, 4096) and not mma_ok(4096, 4000)
     assert not mma_ok(16, 4096, MmaConfig(rows=2)) and mma_ok(32, 4096, MmaConfig(rows=2))
@@ -93,3 +102,21 @@ def test_kernel_matches_dense(dtype, tokens):
         y = sparse_mma_mm(x, tiles, positions, 256, cfg)
         assert y.shape == (tokens, 256)
         assert float((y.float() - ref).abs().max() / ref.abs().max()) < 1e-2, cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mma.sp kernel needs a CUDA GPU (sm_80+)")
+def test_untimed_linear_over_the_fragment_order_matches_dense():
+    """``sparse_linear_mma`` (what the vLLM plugin runs): the kernel up to 16 tokens, the expanded weight past."""
+    from maskpro.serve.sparse_linear import sparse_linear_mma
+
+    torch.manual_seed(0)
+    w = _weight(256, 1024, torch.float16, "cuda")
+    tiles, positions = mma_layout(*sparse24.compress_24(w))
+    bias = torch.randn(256, dtype=torch.float16, device="cuda")
+    for tokens in (1, 8, 40):  # two sequences: 2, 16 and 80 rows
+        x = torch.randn(2, tokens, 1024, dtype=torch.float16, device="cuda")
+        ref = x.float() @ w.float().T + bias.float()
+        y = sparse_linear_mma(x, tiles, positions, bias, 256, 1024)
+        assert y.shape == (2, tokens, 256)
+        assert float((y.float() - ref).abs().max() / ref.abs().max()) < 1e-2

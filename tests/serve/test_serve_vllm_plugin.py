@@ -223,6 +223,27 @@ def test_custom_op_is_opaque_to_torch_compile(weights, ref_kernels):
         torch.testing.assert_close(fn(x), x @ w.T)
 
 
+def test_mma_op_matches_dense_and_is_opaque_to_torch_compile(weights):
+    """The op over the mma.sp fragment order: on CPU (and past 16 tokens) it expands the same bytes."""
+    from maskpro.serve.sparse24 import compress_24
+    from maskpro.serve.sparse_mma import mma_layout
+
+    w = weights["model.layers.1.mlp.down_proj.weight"].to(torch.bfloat16)  # its in_features tile by 128
+    tiles, positions = mma_layout(*compress_24(w))
+    op = vp._register_mma_op()
+    torch.library.opcheck(op, (torch.randn(3, w.shape[1], dtype=w.dtype), tiles, positions, None, *w.shape),
+                          test_utils=("test_schema", "test_faketensor"))
+    fn = torch.compile(lambda x: vp.sparse_linear_24_mma(x, tiles, positions, None, *w.shape), backend="eager",
+                       fullgraph=True, dynamic=True)
+    bias = torch.randn(w.shape[0], dtype=w.dtype)
+    for tokens in (1, 20):
+        x = torch.randn(tokens, w.shape[1], dtype=w.dtype)
+        assert torch.equal(fn(x), x @ w.T)
+        torch.testing.assert_close(vp.sparse_linear_24_mma(x, tiles, positions, bias, *w.shape), x @ w.T + bias)
+    with pytest.raises(MaskproError, match=f"expects {w.shape[1]}"):
+        vp.sparse_linear_24_mma(torch.randn(2, 8, dtype=w.dtype), tiles, positions, None, *w.shape)
+
+
 def test_compress_output_shape_is_checked(monkeypatch):
     monkeypatch.setattr(vp, "_kernels", lambda: (lambda w: (w, w), _ref_linear))
     with pytest.raises(MaskproError, match="expected \\(8, 8\\)"):
