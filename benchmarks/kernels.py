@@ -27,6 +27,7 @@ Writes ``kernels-<tag>.json`` (after every row, so a cut-off run keeps what it m
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -197,10 +198,15 @@ extern "C" __global__ void read_floor(const uint4* __restrict__ p, int n16, unsi
 """
 
 
+@functools.cache
+def _read_floor_kernel():
+    return sparse_mma.compile_kernel(READ_FLOOR_SRC, "read_floor")
+
+
 def read_floor_us(nbytes: int, copies: int, reps: int) -> float:
     """Median microseconds of a kernel that only streams ``nbytes`` (rotating over ``copies`` buffers, in a CUDA
     graph, like the paths): what any kernel that reads those bytes needs, launch included. Fastest of 3 grids."""
-    kernel = sparse_mma.compile_kernel(READ_FLOOR_SRC, "read_floor")
+    kernel = _read_floor_kernel()  # compiled once per process, not twice per shape
     bufs = [torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(copies)]
     sink = torch.zeros(1, dtype=torch.int32, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count

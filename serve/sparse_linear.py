@@ -256,10 +256,7 @@ class SparseLinear(nn.Module):
         Called for every member on every prefill, so it reads plain attributes only.
         """
         tokens = x.numel() // x.shape[-1]
-        if tokens <= sparse_mma.MAX_TOKENS or not self.has_dense:
-            return False
-        return (self.dense_only or x.device.type != "cuda"
-                or self.plan.choice.get(_bucket(tokens), "dense") == "dense")
+        return tokens > sparse_mma.MAX_TOKENS and self.has_dense and self._choice(x, _bucket(tokens)) == "dense"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = _bucket(x.numel() // x.shape[-1])
