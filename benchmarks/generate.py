@@ -11,8 +11,13 @@ picks its 2:4 kernel or dense per shape and token count; q/k/v and gate/up fused
 dense, 2:4, and (``--dense-fused``, default on GPU) the 2:4 model forced to its kept dense weights, i.e. dense
 with the runtime's fusion. Speedups are given against both dense variants. Their repetitions are interleaved
 at every point, so drift over the process (which earlier sequential runs showed) falls on all alike.
-Prefill (TTFT) is one forward of the batch of prompts; decode runs one token per sequence per step on a
-static KV cache, captured in a CUDA graph where capture works (``decode_graph`` says which). CUDA events on
+Prefill (TTFT) is one forward of the batch of prompts up to the last position's logits, captured in a CUDA
+graph of its shape with ``--prefill-graphs`` (default on GPU; without it prefill is eager and TTFT includes
+the host's launch work, which the 2:4 runtime's wrappers add to); decode runs one token per sequence per step on
+a static KV cache, captured in a CUDA graph where capture works (``prefill_graph`` and ``decode_graph`` say
+which). Buckets that run in graphs are planned by device time, so cuSPARSELt (whose eager calls cost
+milliseconds on the host) can win prefill there. ``prefill_logits_rel_err`` compares each variant's prefill
+logits with the dense model's on the same prompts. CUDA events on
 GPU, perf_counter on CPU, median of ``--reps`` runs after warm-up (TTFT: ``TTFT_REPS_FACTOR`` times as many, as
 one prefill is short and noisier than a whole decode); rows whose (p90-p10)/median exceeds
 ``--max-spread`` are marked ``trusted: false``. Memory: ``weights_gib`` is what each model holds on the GPU,
@@ -20,14 +25,15 @@ one prefill is short and noisier than a whole decode); rows whose (p90-p10)/medi
 maskpro's PyTorch runtime; other engines are measured through their servers with ``maskpro-bench serve``.
 
 Top-level ``decode_tokens_per_s`` and ``ttft_ms`` ({"dense", "sparse"}, and "dense_fused") are those of the
-first batch size and
-prompt length; ``rows`` holds the whole sweep. Writes ``generate-<tag>.json`` and a PNG.
+first batch size and prompt
+length; ``rows`` holds the whole sweep. Writes ``generate-<tag>.json`` and a PNG.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import itertools
 import statistics
 import sys
@@ -43,9 +49,9 @@ from .env import (add_output_args, device_tag, environment, fill_defaults, merge
 from .kernels import positive_int
 
 GPU = {"config": "llama2-7b", "batch_sizes": [1, 4, 16, 64], "prompts": [128, 512], "new": 128, "reps": 5,
-       "dtype": "fp16", "dense_fused": True}
+       "dtype": "fp16", "dense_fused": True, "prefill_graphs": True}
 CPU = {"config": "tiny", "batch_sizes": [1], "prompts": [16], "new": 8, "reps": 3, "dtype": "fp32",
-       "dense_fused": False}
+       "dense_fused": False, "prefill_graphs": False}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -66,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-fused", action=argparse.BooleanOptionalAction, default=None,
                    help="also time dense with q/k/v and gate/up fused as the 2:4 runtime runs them: the 2:4 model "
                         "forced to its kept dense weights (default: on GPU)")
+    p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each variant's prefill as a CUDA graph of its (batch, prompt) shape, as decode steps "
+                        "are, so TTFT is device time and the 2:4 plan may pick cuSPARSELt there (default: on GPU)")
     p.add_argument("--tag", default=None, help="results name generate-<tag>.json (default: the device)")
     add_output_args(p, "generate-<tag>.json")
 
@@ -91,7 +100,10 @@ class Timer:
     def __init__(self, device: str):
         self.cuda = device == "cuda"
 
-    def __call__(self, fn) -> float:
+    def __call__(self, fn, before=None) -> float:
+        """Time ``fn`` alone; ``before`` (e.g. a cache reset) runs first, outside the timed region."""
+        if before is not None:
+            before()
         if self.cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -104,25 +116,37 @@ class Timer:
         return (time.perf_counter() - t0) * 1000
 
 
-def _capture(step, device: str):
-    """A CUDA graph of one decode step (run = graph.replay), or eager ``step`` where capture fails or on CPU."""
+def _capture(step, device: str, before=None):
+    """(graph, run): ``step`` (a decode step or a prefill) captured in a CUDA graph, ``run`` replaying it and
+    returning the captured output; (None, step) where capture fails or on CPU. ``before`` (a cache reset) runs
+    ahead of every warm-up call and of the capture, outside the graph."""
     if device != "cuda":
         return None, step
+    before = before or (lambda: None)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
+            before()
             step()
     torch.cuda.current_stream().wait_stream(s)
+    before()
     try:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            step()
-        return graph, graph.replay
-    except Exception as e:  # noqa: BLE001 - record why and time eager decode instead
-        print(f"decode graph capture failed ({type(e).__name__}: {str(e)[:200]}); timing eager decode")
+            out = step()
+    except Exception as e:  # noqa: BLE001 - record why and time it eagerly instead
+        print(f"graph capture failed ({type(e).__name__}: {str(e)[:200]}); timing it eagerly")
         torch.cuda.synchronize()
         return None, step
+
+    def replay():  # the output tensor captured with the graph, rewritten by each replay
+        graph.replay()
+        return out
+    # The graph reads the step's input tensors (token ids, positions) at their captured addresses: keep the
+    # step's closure, which owns them, alive for as long as the graph can be replayed.
+    replay.step = step
+    return graph, replay
 
 
 class Variant:
@@ -132,8 +156,19 @@ class Variant:
         self.model, self.setup = model, setup or (lambda: None)
 
 
-def _prepared(v: Variant, prompt_len: int, new_tokens: int, device: str, batch: int):
-    """(prefill, decode run, captured?) of one variant on its own static cache and prompt."""
+class Prepared:
+    """One variant ready to time at a point: ``prefill`` (returns the last position's logits) after ``reset``
+    (an empty cache, untimed), ``fresh_decode`` (reset and prefill, then the decode closure to time) and whether
+    each runs from a CUDA graph."""
+
+    def __init__(self, reset, prefill, fresh_decode, prefill_graph: bool, decode_graph: bool):
+        self.reset, self.prefill, self.fresh_decode = reset, prefill, fresh_decode
+        self.prefill_graph, self.decode_graph = prefill_graph, decode_graph
+
+
+def _prepared(v: Variant, prompt_len: int, new_tokens: int, device: str, batch: int,
+              prefill_graphs: bool = False) -> Prepared:
+    """One variant on its own static cache and prompt (see :class:`Prepared`)."""
     from transformers import StaticCache
 
     model, cfg = v.model, v.model.config
@@ -141,14 +176,20 @@ def _prepared(v: Variant, prompt_len: int, new_tokens: int, device: str, batch: 
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device,
                         generator=torch.Generator(device).manual_seed(0))
     cache = StaticCache(config=cfg, max_cache_len=prompt_len + new_tokens + 8)
+    # a server needs the last position's logits only. The cache is reset outside the timed prefill: some
+    # transformers versions write at a counter the reset rewinds, and zeroing the cache is no part of a prefill.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    cache_position = torch.arange(prompt_len, device=device)
 
-    def prefill():
-        cache.reset()
+    def eager_prefill():
         with torch.no_grad():
-            return model(input_ids=ids, past_key_values=cache, use_cache=True,
-                         cache_position=torch.arange(prompt_len, device=device)).logits
+            return model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=cache_position,
+                         **keep).logits[:, -1]
 
+    prefill_graph, prefill = (_capture(eager_prefill, device, before=cache.reset) if prefill_graphs
+                              else (None, eager_prefill))
     for _ in range(2):
+        cache.reset()
         prefill()
     tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
     pos = torch.full((1,), prompt_len, dtype=torch.long, device=device)
@@ -158,6 +199,7 @@ def _prepared(v: Variant, prompt_len: int, new_tokens: int, device: str, batch: 
             return model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos,
                          position_ids=pos[None].expand(batch, 1)).logits
 
+    cache.reset()
     prefill()
     graph, run = _capture(step, device)
 
@@ -167,43 +209,59 @@ def _prepared(v: Variant, prompt_len: int, new_tokens: int, device: str, batch: 
             pos.add_(1)
 
     def fresh_decode():  # a new prompt's cache, then the timed steps start at its end
+        cache.reset()
         prefill()
         pos.fill_(prompt_len)
         return decode
 
-    return prefill, fresh_decode, graph is not None
+    return Prepared(cache.reset, prefill, fresh_decode, prefill_graph is not None, graph is not None)
 
 
 TTFT_REPS_FACTOR = 3  # prefills per decode repetition: one prefill is short, so its median needs more samples
 
 
+def logits_rel_err(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Relative error (Frobenius) of one variant's last-position prefill logits against the dense model's."""
+    ref = reference.float()
+    return float((logits.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
 def measure(variants: dict[str, Variant], prompt_len: int, new_tokens: int, reps: int, device: str,
-            batch: int = 1) -> dict[str, dict]:
-    """TTFT of a batch of prompts and per-step decode time on a static cache, for every variant.
+            batch: int = 1, prefill_graphs: bool = False) -> dict[str, dict]:
+    """TTFT of a batch of prompts and per-step decode time on a static cache, for every variant, and each
+    variant's prefill logits against the first variant's (the dense model's) on the same prompts.
 
     The variants' repetitions are interleaved (A B C, B C A, ...), so a drift of the GPU over the run (clocks,
     temperature, allocator) falls on all of them alike instead of on whichever was measured last.
     """
     timer = Timer(device)
     names = list(variants)
-    prepared = {n: _prepared(variants[n], prompt_len, new_tokens, device, batch) for n in names}
+    prepared = {n: _prepared(variants[n], prompt_len, new_tokens, device, batch, prefill_graphs) for n in names}
+    errors, reference = {}, None
+    for n in names:
+        variants[n].setup()
+        prepared[n].reset()
+        logits = prepared[n].prefill()
+        reference = logits.clone() if reference is None else reference
+        errors[n] = logits_rel_err(logits, reference)
     ttft: dict[str, list[float]] = {n: [] for n in names}
     per_token: dict[str, list[float]] = {n: [] for n in names}
     orders = [names[rep % len(names):] + names[:rep % len(names)] for rep in range(reps)]  # A B C, B C A, ...
     for order in orders * TTFT_REPS_FACTOR:
         for n in order:
             variants[n].setup()
-            ttft[n].append(timer(prepared[n][0]))
+            ttft[n].append(timer(prepared[n].prefill, before=prepared[n].reset))
     for order in orders:
         for n in order:
             variants[n].setup()
-            per_token[n].append(timer(prepared[n][1]()) / new_tokens)
+            per_token[n].append(timer(prepared[n].fresh_decode()) / new_tokens)
     out = {}
     for n in names:
         med, ttft_med = statistics.median(per_token[n]), statistics.median(ttft[n])
         out[n] = {"ttft_ms": ttft_med, "ms_per_token": med, "decode_tokens_per_s": batch * 1000 / med,
                   "e2e_tokens_per_s": batch * new_tokens * 1000 / (ttft_med + new_tokens * med),
-                  "decode_graph": prepared[n][2], "ttft_spread_ms": [min(ttft[n]), max(ttft[n])],
+                  "prefill_graph": prepared[n].prefill_graph, "decode_graph": prepared[n].decode_graph,
+                  "prefill_logits_rel_err": errors[n], "ttft_spread_ms": [min(ttft[n]), max(ttft[n])],
                   "ms_per_token_spread": [min(per_token[n]), max(per_token[n])],
                   "spread": {"ttft": stats.summarize(ttft[n])["spread"],
                              "decode": stats.summarize(per_token[n])["spread"]}}
@@ -219,7 +277,7 @@ def sweep(variants: dict[str, Variant], a: argparse.Namespace,
     for batch, prompt in tqdm(points, desc="interleaved " + " / ".join(variants), unit="point", disable=None):
         reset_peak_memory()
         try:
-            out[batch, prompt] = measure(variants, prompt, a.new, a.reps, device, batch)
+            out[batch, prompt] = measure(variants, prompt, a.new, a.reps, device, batch, a.prefill_graphs)
         except torch.OutOfMemoryError:
             out[batch, prompt] = {n: {"error": "CUDA out of memory"} for n in variants}
         peaks[batch, prompt] = peak_memory()
@@ -265,10 +323,12 @@ def run(a: argparse.Namespace) -> Path:
     model, desc = build_model(a, device, dtype)
     weights_gib = {"dense": allocated_gib()}
     sparse_model = copy.deepcopy(model)
-    tokens = {b for b in a.batch_sizes} | {b * p for b in a.batch_sizes for p in a.prompts}
-    # decode steps run as CUDA graphs here, so their buckets are planned by device time, without host overhead
+    prefill_tokens = {b * p for b in a.batch_sizes for p in a.prompts}
+    tokens = set(a.batch_sizes) | prefill_tokens
+    # steps that run as CUDA graphs here (decode; prefill with --prefill-graphs) are planned by device time
+    graphed = (set(a.batch_sizes) | (prefill_tokens if a.prefill_graphs else set())) if device == "cuda" else set()
     report = sl.sparsify(sparse_model, buckets=tuple(sorted({sl._bucket(t) for t in tokens})),
-                         graph_buckets=tuple({sl._bucket(b) for b in a.batch_sizes}) if device == "cuda" else ())
+                         graph_buckets=tuple(sorted({sl._bucket(t) for t in graphed})))
     weights_gib["sparse"] = allocated_gib() - weights_gib["dense"]
     variants = {"dense": Variant(model)}
     swapped = [m for m in sparse_model.modules() if isinstance(m, sl.SparseLinear)]
@@ -289,6 +349,7 @@ def run(a: argparse.Namespace) -> Path:
            "backend": "maskpro torch runtime", "batch": first["batch"], "prompt_tokens": first["prompt_tokens"],
            "new_tokens": a.new, "batch_sizes": a.batch_sizes, "prompt_lengths": a.prompts,
            "max_spread": a.max_spread, "order": "interleaved", "variants": list(variants),
+           "prefill_graphs": bool(a.prefill_graphs and device == "cuda"),
            "weights_gib": weights_gib, "rows": rows, "runtime": report, "env": env}
     if "error" not in first["dense"] and "error" not in first["sparse"]:
         d, s = first["dense"], first["sparse"]

@@ -10,8 +10,9 @@ in L2).
 
 - GPU: each path is captured in a CUDA graph of many calls and the replay is timed with CUDA events after
   warm-up (plain CUDA events where a path cannot be captured). Paths: dense cuBLAS, maskpro's ``mma.sp``
-  tensor-core kernel (1-64 tokens) and Triton 2:4 kernels (best of their configs, what the runtime can pick)
-  and PyTorch's semi-structured 2:4 (cuSPARSELt/CUTLASS). Decode rows (up to 64 tokens) also hold
+  tensor-core kernel (1-64 tokens), Triton 2:4 kernels (best of their configs), the runtime's cuSPARSELt call
+  (``sparse24-cusparselt``, past 16 tokens; row-major output) — the paths the runtime can pick — and, for
+  reference, PyTorch's semi-structured 2:4 tensor (cuSPARSELt/CUTLASS, column-major output). Decode rows (up to 64 tokens) also hold
   ``read_floor_us``: the time of a kernel that only streams the compressed (and the dense) bytes, the floor
   any decode kernel of that shape is bounded by.
 - CPU: ``time.perf_counter`` over the same rotation. Paths: dense torch and the 2:4 reference (decompress,
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 
 from maskpro.errors import MaskproError
 from maskpro.serve import sparse24, sparse_mma
-from maskpro.serve.sparse_linear import candidates
+from maskpro.serve.sparse_linear import candidates, cusparselt_linear, semi_structured
 
 from . import configs, stats
 from .env import add_output_args, device_tag, environment, fill_defaults, merge_json, output_path
@@ -48,7 +49,8 @@ CPU = {"tokens": [1, 4, 16, 64], "dtype": "fp32", "reps": 20, "config": "tiny"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_COPIES_CPU = 64
 COMPRESSED_FRACTION = 0.5625  # 2:4 values plus 2-bit positions, over the dense bytes
-RUNTIME_PATHS = ("sparse24-mma", "sparse24-triton", "torch-semi-structured")  # the paths maskpro.serve.sparse_linear chooses from
+# the paths maskpro.serve.sparse_linear chooses from; PyTorch's semi-structured tensor is timed for reference
+RUNTIME_PATHS = ("sparse24-mma", "sparse24-triton", "sparse24-cusparselt")
 METHOD = ("Each path runs over weight copies rotated so that even the compressed 2:4 bytes exceed 3x L2; GPU: "
           "CUDA-graph replay timed with CUDA events after warm-up; CPU: perf_counter. Median and p10/p90 of --reps "
           "repetitions, dense and 2:4 in one process.")
@@ -78,8 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default fp16 on GPU, fp32 on CPU")
     p.add_argument("--reps", type=positive_int, default=None, help="timed repetitions per path (default 30 GPU, "
                                                                     "20 CPU)")
-    p.add_argument("--paths", nargs="+", default=None, choices=["mma", "triton", "semi-structured", "reference"],
-                   help="2:4 paths to time (default GPU: mma triton semi-structured; CPU: reference)")
+    p.add_argument("--paths", nargs="+", default=None,
+                   choices=["mma", "triton", "cusparselt", "semi-structured", "reference"],
+                   help="2:4 paths to time (default GPU: mma triton cusparselt semi-structured; CPU: reference)")
     p.add_argument("--max-spread", type=float, default=stats.MAX_SPREAD,
                    help="flag a row as not trusted when (p90-p10)/median of any path exceeds this")
     p.add_argument("--tag", default=None, help="results name kernels-<tag>.json (default: the device, e.g. h100)")
@@ -239,6 +242,13 @@ def sparse_paths(names: list[str], ws: list[torch.Tensor], comp, xs, n: int, k: 
         for cfg in candidates(n, k, t):
             yield "sparse24-triton", [lambda v=v, m=m, x=xs[i % 2], c=cfg: sparse24.sparse24_mm(x, v, m, *c.args())
                                       for i, (v, m) in enumerate(comp)], {"config": vars(cfg)}
+    if "cusparselt" in names and t > sparse_mma.MAX_TOKENS:  # the runtime never runs it at decode sizes
+        packed = [semi_structured(w) for w in ws]
+        if any(pk is None for pk in packed):
+            yield "sparse24-cusparselt", None, {"error": "no cuSPARSELt for this GPU, build or shape"}
+        else:
+            yield "sparse24-cusparselt", [lambda pk=pk, x=xs[i % 2]: cusparselt_linear(x, pk)
+                                          for i, pk in enumerate(packed)], {}
     if "semi-structured" in names:
         try:
             sp = [torch.sparse.to_sparse_semi_structured(w) for w in ws]
@@ -324,7 +334,7 @@ def run(a: argparse.Namespace) -> Path:
     device = "cuda" if cuda else "cpu"
     explicit_config = bool(a.config or a.model)
     fill_defaults(a, GPU if cuda else CPU)
-    fill_defaults(a, {"paths": ["mma", "triton", "semi-structured"] if cuda else ["reference"]})
+    fill_defaults(a, {"paths": ["mma", "triton", "cusparselt", "semi-structured"] if cuda else ["reference"]})
     if not cuda and a.paths != ["reference"]:
         raise MaskproError(f"--paths {' '.join(a.paths)} need a CUDA GPU; on CPU only 'reference' runs")
     source, shapes = parse_shapes(a, explicit_config)

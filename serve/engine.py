@@ -22,10 +22,11 @@ is known not to be. Each request's deltas go to an ``asyncio.Queue`` through
 ``loop.call_soon_threadsafe`` (or to a thread queue for synchronous callers).
 
 KV cache and CUDA graphs (``EngineConfig.kv_cache``, ``cuda_graphs``): on a CUDA GPU the running batch
-lives in a static per-row slot cache (:mod:`maskpro.serve.slot_cache`): prefill still runs eagerly into a
-``DynamicCache`` whose rows are then copied into their slots, and each decode step replays a CUDA graph
-captured once per (rows, columns) bucket. On CPU, or for models whose cache is not plain full attention,
-the dynamic cache above is used (``kv_cache="static"`` forces slots, eager on CPU).
+lives in a static per-row slot cache (:mod:`maskpro.serve.slot_cache`): an admitted group is prefilled
+right padded into a ``DynamicCache`` whose rows are then copied into their slots (a CUDA graph per
+(rows, length) up to ``slot_cache.PREFILL_GRAPH_TOKENS`` padded tokens, else eagerly), and each decode step
+replays a CUDA graph captured once per (rows, columns) bucket. On CPU, or for models whose cache is not plain
+full attention, the dynamic cache above is used (``kv_cache="static"`` forces slots, eager on CPU).
 """
 
 from __future__ import annotations
@@ -514,11 +515,14 @@ class TorchEngine:
         self.model = model.to(self.device).eval()
         graphs_wanted = config.cuda_graphs and self.device.type == "cuda" and config.kv_cache != "dynamic"
         if config.sparse:
-            from maskpro.serve.sparse_linear import _bucket, sparsify
+            from maskpro.serve.sparse_linear import TOKEN_BUCKETS, _bucket, sparsify
 
-            # decode steps replayed from graphs are planned by device time alone (no host launch cost)
-            decode = {_bucket(1 << i) for i in range(config.max_batch_size.bit_length() + 1)} if graphs_wanted else ()
-            self.sparsity = dict(sparsify(self.model, graph_buckets=tuple(sorted(decode))))
+            from .slot_cache import PREFILL_GRAPH_TOKENS
+
+            # decode steps and short prefills replayed from graphs are planned by device time (no host launch cost)
+            graphed = ({_bucket(1 << i) for i in range(config.max_batch_size.bit_length() + 1)}
+                       | {t for t in TOKEN_BUCKETS if t <= PREFILL_GRAPH_TOKENS}) if graphs_wanted else set()
+            self.sparsity = dict(sparsify(self.model, graph_buckets=tuple(sorted(graphed))))
         else:
             self.sparsity = {"backend": "dense", "reason": "sparse runtime disabled (--no-sparse)", "layers": 0}
         self.load_s = round(time.perf_counter() - t0, 2)
@@ -590,7 +594,8 @@ class TorchEngine:
     def _graphs_info(self) -> dict:
         d, requested = self._decoder, bool(self.config.cuda_graphs)
         if d is not None and d.graphs:
-            return {"requested": requested, "active": True, "captured": d.captured}
+            return {"requested": requested, "active": True, "captured": d.captured,
+                    "prefill": {"active": d.prefill_graphs, "captured": d.prefills_captured}}
         why = ("not requested (--no-cuda-graphs)" if not requested else "not on a GPU" if self.device.type != "cuda"
                else f"capture failed: {d.capture_failed}" if d is not None and d.capture_failed
                else f"needs the static KV cache ({self.kv_cache.get('why')})")
@@ -807,11 +812,7 @@ class TorchEngine:
         new = self._admit()
         if new:
             self._prefilling = new
-            group = self._prefill(new)
-            if group is not None and self._decoder is not None:  # into slots after the running rows
-                running = self._batch.size if self._batch is not None else 0
-                self._decoder.cache.load(running, group.cache, group.mask.sum(1).tolist())
-                group = _Batch(group.reqs, self._decoder.cache, None, group.next_tokens)
+            group = self._prefill(new) if self._decoder is None else self._prefill_slots(new)
             if group is not None:
                 self._batch = group if self._batch is None else _merge(self._batch, group)
             self._prefilling = []
@@ -847,6 +848,18 @@ class TorchEngine:
                             "empty batch (static batching)")
         batch = _Batch(list(reqs), cache, mask, torch.zeros(len(reqs), dtype=torch.long, device=self.device))
         return self._sample_and_emit(batch, logits)
+
+    def _prefill_slots(self, reqs: list[_Request]) -> _Batch | None:
+        """Prefill into the slots after the running rows (from a CUDA graph where one fits), sample the first
+        tokens; rows that finish at once are compacted away within the group's slots."""
+        for r in reqs:
+            self._init_request(r)
+        first = self._batch.size if self._batch is not None else 0
+        logits = self._decoder.prefill([r.prompt_ids for r in reqs], first, self.pad_id)
+        group = _Batch(list(reqs), self._decoder.cache.from_slot(first), None,
+                       torch.zeros(len(reqs), dtype=torch.long, device=self.device))
+        group = self._sample_and_emit(group, logits)
+        return None if group is None else _Batch(group.reqs, self._decoder.cache, None, group.next_tokens)
 
     def _decode(self) -> None:
         batch = self._batch

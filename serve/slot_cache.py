@@ -13,6 +13,10 @@ additive mask built from the positions inside the step. On CUDA each ``(b, c)`` 
 a CUDA graph (memory pool shared by all of them) and replayed: the host launches one graph instead of
 hundreds of kernels. Elsewhere the same step runs eagerly, which is what the CPU tests exercise.
 
+New requests are prefilled together, right padded, into a transformers ``DynamicCache`` whose columns are
+then copied into their slots (:meth:`SlotDecoder.prefill`); on CUDA prefills of up to
+``PREFILL_GRAPH_TOKENS`` padded tokens replay a graph per (rows, length) from the same pool.
+
 The cache is duck-typed for the model's attention layers (``update``, ``get_seq_length``) and the mask is
 passed ready-made (transformers uses a 4D mask as is), so no transformers cache internals are relied on.
 """
@@ -28,6 +32,9 @@ log = logging.getLogger(__name__)
 
 MIN_COLUMNS = 128
 WARMUP_COLUMNS = 1024   # graphs for every rows bucket up to this many columns are captured before serving
+MIN_PREFILL_LENGTH = 16     # prompts are right padded to a power of two from here (one prefill graph per length)
+PREFILL_GRAPH_TOKENS = 2048  # rows x padded length of the prefills replayed from graphs; longer ones run eagerly
+HELD_PREFILL_BYTES = 2 << 30  # output K/V the captured prefills may hold together (least recently used dropped)
 
 
 def _pow2_at_least(n: int, floor: int, ceiling: int) -> int:
@@ -72,23 +79,39 @@ class SlotCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed explicitly
 
-    def load(self, first_slot: int, dynamic_cache, lengths: list[int]) -> None:
-        """Copy prefilled rows (a left-padded transformers ``DynamicCache``) into slots from ``first_slot``;
-        row ``i`` keeps its last ``lengths[i]`` columns (its real tokens)."""
+    def load(self, first_slot: int, dynamic_cache, columns: int) -> None:
+        """Copy prefilled rows (a right-padded transformers ``DynamicCache``: each row's tokens at columns
+        ``0 .. length-1``) into slots from ``first_slot``. The first ``columns`` columns are copied whole:
+        what a row holds past its length is never read (a decode step masks columns past its position) and is
+        overwritten as it grows."""
         for layer, (ks, vs) in enumerate(zip(self.keys, self.values)):
             src = dynamic_cache.layers[layer]
-            for i, n in enumerate(lengths):
-                ks[first_slot + i, :, :n] = src.keys[i, :, src.keys.shape[2] - n:]
-                vs[first_slot + i, :, :n] = src.values[i, :, src.values.shape[2] - n:]
+            rows = src.keys.shape[0]
+            ks[first_slot:first_slot + rows, :, :columns] = src.keys[:, :, :columns]
+            vs[first_slot:first_slot + rows, :, :columns] = src.values[:, :, :columns]
 
-    def keep(self, rows: list[int], columns: int) -> None:
-        """Compact: slot ``j`` takes old slot ``rows[j]`` (``rows`` ascending); only the first ``columns``
-        columns are copied (nothing beyond the longest kept row is ever read)."""
+    def keep(self, rows: list[int], columns: int, first: int = 0) -> None:
+        """Compact: slot ``first + j`` takes old slot ``first + rows[j]`` (``rows`` ascending); only the first
+        ``columns`` columns are copied (nothing beyond the longest kept row is ever read)."""
         if rows == list(range(len(rows))):
             return
-        idx = torch.tensor(rows, device=self.keys[0].device)
+        idx = torch.tensor(rows, device=self.keys[0].device) + first
         for t in self.keys + self.values:
-            t[:len(rows), :, :columns] = t[:, :, :columns].index_select(0, idx)
+            t[first:first + len(rows), :, :columns] = t[:, :, :columns].index_select(0, idx)
+
+    def from_slot(self, first: int) -> SlotRange:
+        """The slots from ``first`` on, as a batch of their own (a prefilled group before it joins)."""
+        return SlotRange(self, first)
+
+
+class SlotRange:
+    """Slots ``first ..`` of a :class:`SlotCache`: ``keep`` compacts within them, leaving earlier slots alone."""
+
+    def __init__(self, cache: SlotCache, first: int):
+        self.cache, self.first = cache, first
+
+    def keep(self, rows: list[int], columns: int) -> None:
+        self.cache.keep(rows, columns, self.first)
 
 
 class SlotDecoder:
@@ -104,6 +127,12 @@ class SlotDecoder:
         self._columns = torch.arange(cache.capacity, device=self.device)
         self._kwargs = {"logits_to_keep": 1} if logits_to_keep else {}
         self._steps: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
+        self._prefills: dict[tuple[int, int], Callable[[], tuple[torch.Tensor, object]]] = {}  # in LRU order
+        self._prefill_seen: dict[tuple[int, int], int] = {}
+        self._bytes_per_token = cache_bytes(len(cache.keys), 1, 1, cache.keys[0].shape[1], cache.keys[0].shape[3],
+                                            cache.keys[0].dtype)
+        self.prefill_graphs = graphs
+        self.prefills_captured = 0
         self._pool = None
         if graphs:
             with torch.cuda.device(self.device):
@@ -150,8 +179,9 @@ class SlotDecoder:
         return replay
 
     def warmup(self, max_columns: int = WARMUP_COLUMNS) -> int:
-        """Capture the steps of every rows bucket up to ``max_columns`` columns before any request runs (the
-        first requests would otherwise pay the captures); only while no slot is in use. Returns graphs captured."""
+        """Capture the steps of every rows bucket up to ``max_columns`` columns, and one-row prefills of every
+        length, before any request runs (the first requests would otherwise pay the captures); only while no
+        slot is in use. Returns graphs captured."""
         if not self.graphs:
             return 0
         rows = sorted({self.buckets(1 << i, 1)[0] for i in range(self.cache.slots.bit_length() + 1)})
@@ -160,7 +190,12 @@ class SlotDecoder:
             for c in cols:
                 if self.graphs:
                     self.step(torch.zeros(r, dtype=torch.long, device=self.device), [0] * (r - 1) + [c - 1])
-        return self.captured
+        length = min(MIN_PREFILL_LENGTH, self.cache.capacity)
+        while self.prefill_graphs and length <= min(PREFILL_GRAPH_TOKENS, self.cache.capacity):
+            for _ in range(2):  # one request's prefill at every length (the common case), seen twice: captured
+                self.prefill([[0] * length], 0, 0)
+            length *= 2
+        return self.captured + self.prefills_captured
 
     def step(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """Feed each running row (slot ``i`` = row ``i``) its token at its position; float32 logits [n, vocab]."""
@@ -184,3 +219,89 @@ class SlotDecoder:
                 self.graphs = False
                 return self._forward(rows, cols)[:n].float()
         return run()[:n].float()
+
+    # ------------------------------------------------------------------------------------------- prefill
+    def prefill(self, prompts: list[list[int]], first_slot: int, pad_id: int) -> torch.Tensor:
+        """Prefill ``prompts`` into slots ``first_slot ..``; float32 logits at each row's last token [n, vocab].
+
+        Rows are right padded to a power-of-two length, so each row's tokens sit at columns ``0 .. len-1`` of
+        its slot, as decode expects, and plain causal attention is exact for them (padding only follows real
+        tokens): no padding mask, so the attention kernel's causal path runs. On CUDA a prefill of up to
+        ``PREFILL_GRAPH_TOKENS`` padded tokens replays a graph captured once per (rows, length): eagerly, the
+        host's launch work for every layer took as long as the GPU's work at these sizes.
+        """
+        n, longest = len(prompts), max(map(len, prompts))
+        length = _pow2_at_least(longest, min(MIN_PREFILL_LENGTH, self.cache.capacity), self.cache.capacity)
+        rows, run = n, None
+        if self.prefill_graphs:  # rows padded to a power of two (into free slots) too: fewer shapes to capture
+            rows = min(_pow2_at_least(n, 1, self.cache.slots), self.cache.slots - first_slot)
+            if rows * length <= PREFILL_GRAPH_TOKENS:
+                run = self._prefill_graph(rows, length)
+        prompts = prompts + [[pad_id]] * (rows - n) if run is not None else prompts
+        ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long)
+        if run is None:
+            logits, kv = self._prefill_forward(ids.to(self.device), last.to(self.device))
+        else:
+            logits, kv = run(ids, last)
+        self.cache.load(first_slot, kv, length)
+        return logits[:n].float()
+
+    def _prefill_forward(self, ids: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, object]:
+        from transformers import DynamicCache
+
+        kv = DynamicCache(config=self.model.config)
+        if self._kwargs:  # logits at the rows' last positions only: [n, n, vocab], row i's own at [i, i]
+            out = self.model(input_ids=ids, past_key_values=kv, use_cache=True, logits_to_keep=last)
+            return out.logits.diagonal(dim1=0, dim2=1).t(), kv
+        out = self.model(input_ids=ids, past_key_values=kv, use_cache=True)
+        return out.logits[torch.arange(ids.shape[0], device=ids.device), last], kv
+
+    def _prefill_graph(self, rows: int, length: int):
+        """The captured prefill of (rows, length), captured the second time that shape is asked for (a shape
+        seen once runs eagerly rather than pay a capture); None where there is none yet or capture failed
+        (then every prefill runs eagerly from now on)."""
+        key = (rows, length)
+        run = self._prefills.pop(key, None)
+        if run is None:
+            self._prefill_seen[key] = seen = self._prefill_seen.get(key, 0) + 1
+            if seen < 2:
+                return None
+            try:
+                with torch.cuda.device(self.device):
+                    run = self._capture_prefill(rows, length)
+            except Exception as e:  # noqa: BLE001 - keep serving with eager prefill, say why once
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                log.warning("prefill graph capture failed (%s); prefill runs eagerly from now on", why)
+                torch.cuda.synchronize(self.device)
+                self.prefill_graphs = False
+                return None
+            held = HELD_PREFILL_BYTES // self._bytes_per_token
+            while self._prefills and sum(r * c for r, c in self._prefills) + rows * length > held:
+                del self._prefills[next(iter(self._prefills))]  # least recently used first
+        self._prefills[key] = run
+        return run
+
+    def _capture_prefill(self, rows: int, length: int):
+        ids = torch.zeros((rows, length), dtype=torch.long, device=self.device)
+        last = torch.full((rows,), length - 1, dtype=torch.long, device=self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._prefill_forward(ids, last)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits, kv = self._prefill_forward(ids, last)
+        self.prefills_captured += 1
+        log.info("captured a prefill graph for %d rows x %d tokens (%d so far)", rows, length,
+                 self.prefills_captured)
+
+        def replay(new_ids: torch.Tensor, new_last: torch.Tensor) -> tuple[torch.Tensor, object]:
+            ids.copy_(new_ids)  # the graph reads its inputs from these buffers, which this closure keeps alive
+            last.copy_(new_last)
+            graph.replay()
+            return logits, kv
+        return replay

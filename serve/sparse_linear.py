@@ -2,13 +2,13 @@
 
 Paths: ``mma`` (maskpro's ``mma.sp`` tensor-core kernel on fragment-ordered compressed weights,
 :mod:`maskpro.serve.sparse_mma`), ``sparse`` (maskpro's Triton kernels on the compressed weights,
-:mod:`maskpro.serve.sparse24`), ``semi`` (PyTorch's semi-structured 2:4 tensor, cuSPARSELt on Hopper) and
-``dense`` (cuBLAS on the masked dense weight). Decode (few tokens) is memory-bound and the compressed weights
-are 56% of the bytes, so a 2:4 kernel wins at 1-16 tokens (mma.sp, or the Triton word kernel at 1 token);
-long prefill is compute-bound, where cuSPARSELt's sparse tensor cores win (1.2-1.6x at 2048-8192 tokens on an
-H100); in between dense usually wins
-(``benchmarks/results/kernels-h100.json``). With ``keep_dense=False`` the layer holds only compressed weights
-and the 2:4 kernels serve every token count.
+:mod:`maskpro.serve.sparse24`), ``semi`` (cuSPARSELt through ``torch._cslt_sparse_mm``,
+:func:`cusparselt_linear`) and ``dense`` (cuBLAS on the masked dense weight). Decode (few tokens) is
+memory-bound and the compressed weights are 56% of the bytes, so a 2:4 kernel wins at 1-16 tokens (mma.sp, or
+the Triton word kernel at 1 token). Prefill is compute-bound: cuSPARSELt's sparse tensor cores are faster only
+with a column-major result, which slows every op after it, so with a row-major result dense wins nearly
+everywhere (``benchmarks/results/kernels-h100.json``). With ``keep_dense=False`` the layer holds only
+compressed weights and the 2:4 kernels serve every token count.
 
 The choice is made by timing every path for each layer shape and token bucket once, with the same inputs;
 on CPU every layer stays dense with the same API and outputs.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -89,19 +90,26 @@ def time_us(fn, iters: int = 30, warmup: int = 5, flush: torch.Tensor | None = N
     timed after overwriting twice the L2 size; timing it warm would favour whichever path fits in L2.
     ``flush`` is that scratch buffer, passed in when many timings share it. ``device_only`` keeps the GPU
     busy while the host enqueues the call, so launch overhead on the host is not counted: the cost inside a
-    CUDA-graph decode step. Eager timing charges each path its host overhead, which an eager caller pays.
+    CUDA graph (decode steps; prefill where it is captured). Eager timing charges each path its host overhead,
+    which an eager caller pays.
     (A CUDA graph captured per timing was tried first: after those captures, eager prefill spent 1.5x longer on
-    the host in a probe on an H100.)
+    the host in a probe on an H100. Graphs are still used for cuSPARSELt in graph buckets, ``graph_time_us``.)
     """
     flush = _l2_flush_buffer() if flush is None else flush
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    hide = HOST_HIDING_CYCLES
+    if device_only:  # a path with a slow host side (cuSPARSELt builds a plan per eager call) needs a longer spin
+        t0 = time.perf_counter()
+        fn()
+        hide = max(hide, int(2 * (time.perf_counter() - t0) * 1000 * HOST_HIDING_CYCLES))
+        torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if device_only:
-            torch.cuda._sleep(HOST_HIDING_CYCLES)
+            torch.cuda._sleep(hide)
         flush.zero_()
         a.record()
         fn()
@@ -111,22 +119,64 @@ def time_us(fn, iters: int = 30, warmup: int = 5, flush: torch.Tensor | None = N
     return float(torch.tensor(times).median())
 
 
-HOST_HIDING_CYCLES = 2_000_000  # about 1 ms of GPU spin: longer than any path's host-side launch
+def graph_time_us(fn, iters: int = 30, flush: torch.Tensor | None = None) -> float:
+    """Median device time of ``fn`` replayed from a CUDA graph of one call, each replay with a cold L2.
+
+    For paths whose eager call waits on the GPU (cuSPARSELt builds a plan and workspace per call), which no
+    host-hiding spin can keep out of an eager timing; inside a captured step they cost only their kernels.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return time_us(graph.replay, iters=iters, warmup=2, flush=flush, device_only=True)
+    finally:
+        del graph
+
+
+HOST_HIDING_CYCLES = 2_000_000  # about 1 ms of GPU spin (H100 clocks): longer than a kernel's host-side launch
 
 
 def semi_structured(weight: torch.Tensor) -> torch.Tensor | None:
-    """PyTorch's 2:4 tensor (cuSPARSELt, else CUTLASS) for ``weight``, or None where this GPU/shape has none.
-
-    It pads the token dimension itself and caches its plan per shape; it wins at prefill sizes (1.2-1.5x dense
-    at 2048-8192 tokens on an H100, ``kernels-h100.json``) and loses at decode sizes, where the Triton kernel wins.
-    """
+    """cuSPARSELt's compressed copy of ``weight`` (for :func:`cusparselt_linear`), or None where this GPU, build
+    or shape has none. Only for prefill sizes; on an H100 it beat dense only on the 11008x4096 down projection
+    at 8192 tokens (1.07x, ``kernels-h100.json``)."""
     if weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16):
         return None
     try:
-        return torch.sparse.to_sparse_semi_structured(weight)
-    except (RuntimeError, ValueError, NotImplementedError) as e:  # unsupported GPU, shape or build
+        return torch._cslt_compress(weight)
+    except (RuntimeError, ValueError, NotImplementedError, AttributeError) as e:  # no cuSPARSELt here
         log.warning("no cuSPARSELt 2:4 for shape %s (prefill stays dense): %s", tuple(weight.shape), e)
         return None
+
+
+CSLT_TOKEN_MULTIPLE = 8  # cuSPARSELt's fp16/bf16 dense operand needs a multiple of 8 columns (tokens here)
+
+
+def cusparselt_linear(x2: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 @ W.T + bias`` ([tokens, out], row-major) with cuSPARSELt on ``packed`` (:func:`semi_structured`).
+
+    cuSPARSELt computes ``W @ x2.T`` ([out, tokens]); its transposed view is what PyTorch's semi-structured
+    tensor returns, column-major, and every op after it then runs on strided memory: a Llama-2-7B-shaped prefill
+    in a CUDA graph took 1.7x as long as dense although each product was faster
+    (``generate-h100-semi-tensor.json``). Asking cuSPARSELt for the transposed result was slower than dense
+    (1.6-2.1x the time, ``generate-h100-cslt-transposed.json``), so the product is copied to row-major instead:
+    one strided pass over the output, which costs about what the sparse tensor cores save. The token count is
+    padded to what cuSPARSELt accepts (one token unpadded failed and broke the CUDA context, ``GPU.md``).
+    """
+    x2 = x2.contiguous()
+    tokens = x2.shape[0]
+    pad = -tokens % CSLT_TOKEN_MULTIPLE
+    if pad:
+        x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
+    y = torch._cslt_sparse_mm(packed, x2.t(), bias=bias).t()  # [tokens, out], column-major
+    return (y[:tokens] if pad else y).contiguous()
 
 
 def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, buckets=TOKEN_BUCKETS,
@@ -135,7 +185,8 @@ def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
                graph_buckets=()) -> ShapePlan:
     """Time dense, cuSPARSELt (``semi``), the mma.sp kernel (``mma``: its layout) and every Triton config for
     each token bucket; keep the fastest. Buckets in ``graph_buckets`` run inside CUDA graphs (a captured
-    decode step) and are timed on the device alone; the others eagerly, host overhead included."""
+    decode step or prefill) and are timed on the device alone (cuSPARSELt there from a graph of one call, as its
+    eager call waits on the GPU); the others eagerly, host overhead included."""
     plan = ShapePlan()
     n, k = weight.shape
     flush = _l2_flush_buffer()
@@ -143,9 +194,10 @@ def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
         x = torch.randn(t, k, dtype=weight.dtype, device=weight.device)
         timer = functools.partial(time_us, device_only=t in graph_buckets)
         timings = {"dense": timer(lambda: torch.nn.functional.linear(x, weight), flush=flush)} if keep_dense else {}
-        if semi is not None and not (t in graph_buckets and t <= sparse_mma.MAX_TOKENS):  # never wins at decode
+        if semi is not None and t > sparse_mma.MAX_TOKENS:  # never wins at decode sizes
             try:
-                timings["semi"] = timer(lambda: torch.nn.functional.linear(x, semi), flush=flush)
+                semi_timer = graph_time_us if t in graph_buckets else timer
+                timings["semi"] = semi_timer(lambda: cusparselt_linear(x, semi), flush=flush)
             except RuntimeError as e:  # e.g. a token count the library rejects
                 log.warning("cuSPARSELt 2:4 failed at %d tokens (not a candidate there): %s", t, e)
         best = None
@@ -226,7 +278,7 @@ class SparseLinear(nn.Module):
                  compressed: tuple[torch.Tensor, torch.Tensor] | None = None, semi: torch.Tensor | None = None,
                  mma: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        self.semi = semi  # cuSPARSELt's 2:4 weight, kept only where the plan picks it (prefill)
+        self.semi = semi  # cuSPARSELt's compressed weight, kept only where the plan picks it (prefill)
         self.mma = mma    # the mma.sp kernel's (tiles, positions), kept only where the plan picks it (decode)
         if mma is not None:
             sparse_mma.reserve(linear.out_features, mma[0].device)  # before any CUDA-graph capture
@@ -265,9 +317,9 @@ class SparseLinear(nn.Module):
             return torch.nn.functional.linear(x, self.weight, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if choice == "semi" and self.semi is not None:
-            y = torch.nn.functional.linear(x2, self.semi)
-        elif choice == "mma" and self.mma is not None:  # planned only for buckets of up to MAX_TOKENS
+        if choice == "semi" and self.semi is not None:  # the bias is added inside cuSPARSELt's epilogue
+            return cusparselt_linear(x2, self.semi, self.bias).reshape(*shape[:-1], self.out_features)
+        if choice == "mma" and self.mma is not None:  # planned only for buckets of up to MAX_TOKENS
             y = sparse_mma.sparse_mma_mm(x2, *self.mma, self.out_features, self.plan.config[b])
         elif self.weight is not None and choice != "sparse":
             y = torch.nn.functional.linear(x2, self.weight)

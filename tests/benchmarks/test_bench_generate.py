@@ -34,12 +34,15 @@ def test_generate_sweeps_batch_sizes_and_prompts(tmp_path):
     assert r["ttft_ms"] == {"dense": first["dense"]["ttft_ms"], "sparse": first["sparse"]["ttft_ms"]}
     assert r["decode_tokens_per_s"]["dense"] == first["dense"]["decode_tokens_per_s"]
     assert r["order"] == "interleaved" and r["variants"] == ["dense", "2:4"]  # no fused dense on CPU
+    assert r["prefill_graphs"] is False
     for row in r["rows"]:
         assert row["point_memory"]["peak_rss_mib"] > 0
         for path in ("dense", "sparse"):  # both measured in this process
             m = row[path]
             assert m["ttft_ms"] > 0 and m["ms_per_token"] > 0
             assert m["decode_tokens_per_s"] == row["batch"] * 1000 / m["ms_per_token"]
+            assert m["prefill_graph"] is False and m["decode_graph"] is False  # graphs are for CUDA only
+            assert 0 <= m["prefill_logits_rel_err"] < 1e-5  # CPU: the 2:4 model runs its dense masked weights
         assert row["decode_speedup"] == row["sparse"]["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"]
         assert isinstance(row["trusted"], bool)
     assert r["env"]["command"].startswith("maskpro-bench generate")

@@ -98,6 +98,50 @@ def test_keep_compacts_rows():
     assert cache.keys[0][:2, 0, :, 0].tolist() == [[1.0] * 8, [3.0] * 8]
 
 
+def test_keep_within_a_range_leaves_earlier_slots_alone():
+    """A prefilled group sits after the running rows; a row of it that finished at once is compacted away
+    within the group."""
+    cache = slot_cache.SlotCache(1, 5, 4, 1, 2, torch.float32, torch.device("cpu"))
+    for t in cache.keys + cache.values:
+        t.copy_(torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand_as(t))
+    cache.from_slot(2).keep([0, 2], columns=4)  # group = slots 2, 3, 4; its row 1 (slot 3) left
+    assert cache.values[0][:4, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 4.0]
+
+
+def test_right_padded_prefill_loads_each_rows_tokens_from_column_zero(tiny_model_dir):
+    """Rows of different lengths prefilled together: each slot holds what the row alone would, from column 0,
+    and the logits are those of the row's own last token."""
+    engine = TorchEngine(EngineConfig(model=str(tiny_model_dir), device="cpu", kv_cache="static", max_batch_size=4,
+                                      max_prompt_tokens=40, max_new_tokens=8))
+    dec, prompts = engine._decoder, [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]]
+    with torch.inference_mode():
+        together = dec.prefill(prompts, 1, engine.pad_id)
+        keys = [dec.cache.keys[0][1 + i, :, :len(p)].clone() for i, p in enumerate(prompts)]
+        for i, p in enumerate(prompts):
+            alone = dec.prefill([p], 0, engine.pad_id)
+            torch.testing.assert_close(together[i], alone[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(keys[i], dec.cache.keys[0][0, :, :len(p)], rtol=1e-4, atol=1e-4)
+
+
+def test_requests_finishing_at_their_first_token_leave_the_slots_in_order(tiny_model_dir):
+    engine = TorchEngine(EngineConfig(model=str(tiny_model_dir), device="cpu", kv_cache="static", max_batch_size=4,
+                                      max_prompt_tokens=40, max_new_tokens=40))
+    engine.start()
+    try:
+        refs = {p: _reference(engine, p, 12) for p in PROMPTS[:4]}
+        sizes = [1, 12, 1, 12]
+        handles = [engine.submit(engine.encode_prompt(p), SamplingParams(max_tokens=n, temperature=0.0,
+                                                                         ignore_eos=True), loop=None)
+                   for p, n in zip(PROMPTS[:4], sizes)]
+        for h, p, n in zip(handles, PROMPTS[:4], sizes):
+            out = h.result()
+            assert out.completion_tokens == n and refs[p].startswith(out.text), (p, out.text, refs[p])
+        assert engine.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0.0,
+                                                          ignore_eos=True)).text == refs[PROMPTS[1]]
+    finally:
+        engine.stop()
+
+
 def test_auto_is_dynamic_on_cpu_and_bad_choice_fails(tiny_model_dir):
     with pytest.raises(MaskproError, match="unknown kv_cache 'paged'; choose one of auto, static, dynamic"):
         EngineConfig(model=str(tiny_model_dir), kv_cache="paged").validate()
@@ -117,6 +161,7 @@ def test_cuda_graph_decode_matches_dynamic_cache(tiny_model_dir, small_columns):
         _check(engine)
         graphs = engine.info()["cuda_graphs"]
         assert graphs["active"] is True and graphs["captured"] >= 4, graphs
+        assert graphs["prefill"]["active"] is True and graphs["prefill"]["captured"] >= 3, graphs  # lengths 16..64
     finally:
         engine.stop()
     eager = TorchEngine(EngineConfig(**kw, kv_cache="dynamic"))
