@@ -160,16 +160,22 @@ class SlotDecoder:
         with torch.cuda.device(self.device):
             return self._capture_here(rows, cols)
 
-    def _capture_here(self, rows: int, cols: int) -> Callable[[], torch.Tensor]:
+    def _graph_of(self, fn: Callable[[], object], warmups: int) -> tuple[torch.cuda.CUDAGraph, object]:
+        """``fn`` captured in a CUDA graph from the shared pool, after ``warmups`` eager calls on a side stream;
+        returns the graph and the output tensors it rewrites at each replay."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(rows, cols)
+            for _ in range(warmups):
+                fn()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(rows, cols)
+            out = fn()
+        return graph, out
+
+    def _capture_here(self, rows: int, cols: int) -> Callable[[], torch.Tensor]:
+        graph, logits = self._graph_of(lambda: self._forward(rows, cols), warmups=2)
         self.captured += 1
         log.info("captured a decode graph for %d rows x %d columns (%d so far)", rows, cols, self.captured)
 
@@ -287,14 +293,7 @@ class SlotDecoder:
     def _capture_prefill(self, rows: int, length: int):
         ids = torch.zeros((rows, length), dtype=torch.long, device=self.device)
         last = torch.full((rows,), length - 1, dtype=torch.long, device=self.device)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._prefill_forward(ids, last)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits, kv = self._prefill_forward(ids, last)
+        graph, (logits, kv) = self._graph_of(lambda: self._prefill_forward(ids, last), warmups=1)
         self.prefills_captured += 1
         log.info("captured a prefill graph for %d rows x %d tokens (%d so far)", rows, length,
                  self.prefills_captured)
