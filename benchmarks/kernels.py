@@ -12,8 +12,8 @@ in L2).
   warm-up (plain CUDA events where a path cannot be captured). Paths: dense cuBLAS, maskpro's ``mma.sp``
   tensor-core kernel (1-64 tokens), Triton 2:4 kernels (best of their configs), the runtime's cuSPARSELt call
   (``sparse24-cusparselt``, past 16 tokens; row-major output) — the paths the runtime can pick — and, for
-  reference, PyTorch's semi-structured 2:4 tensor (cuSPARSELt/CUTLASS, column-major output). Decode rows (up to 64 tokens) also hold
-  ``read_floor_us``: the time of a kernel that only streams the compressed (and the dense) bytes, the floor
+  reference, PyTorch's semi-structured 2:4 tensor (cuSPARSELt/CUTLASS, column-major output). Decode rows (up
+  to 64 tokens) also hold ``read_floor_us``: the time of a kernel that only streams the compressed (and the dense) bytes, the floor
   any decode kernel of that shape is bounded by.
 - CPU: ``time.perf_counter`` over the same rotation. Paths: dense torch and the 2:4 reference (decompress,
   then matmul, which is what ``maskpro.serve.sparse24`` does without a GPU). The numbers only check the

@@ -19,7 +19,6 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -99,17 +98,11 @@ def time_us(fn, iters: int = 30, warmup: int = 5, flush: torch.Tensor | None = N
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    hide = HOST_HIDING_CYCLES
-    if device_only:  # a path with a slow host side (cuSPARSELt builds a plan per eager call) needs a longer spin
-        t0 = time.perf_counter()
-        fn()
-        hide = max(hide, int(2 * (time.perf_counter() - t0) * 1000 * HOST_HIDING_CYCLES))
-        torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if device_only:
-            torch.cuda._sleep(hide)
+            torch.cuda._sleep(HOST_HIDING_CYCLES)
         flush.zero_()
         a.record()
         fn()
