@@ -49,9 +49,9 @@ from .env import (add_output_args, device_tag, environment, fill_defaults, merge
 from .kernels import positive_int
 
 GPU = {"config": "llama2-7b", "batch_sizes": [1, 4, 16, 64], "prompts": [128, 512], "new": 128, "reps": 5,
-       "dtype": "fp16", "dense_fused": True, "prefill_graphs": True}
+       "dtype": "fp16", "dense_fused": True, "prefill_graphs": True, "runtime": "fast"}
 CPU = {"config": "tiny", "batch_sizes": [1], "prompts": [16], "new": 8, "reps": 3, "dtype": "fp32",
-       "dense_fused": False, "prefill_graphs": False}
+       "dense_fused": False, "prefill_graphs": False, "runtime": "transformers"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -75,6 +75,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="run each variant's prefill as a CUDA graph of its (batch, prompt) shape, as decode steps "
                         "are, so TTFT is device time and the 2:4 plan may pick cuSPARSELt there (default: on GPU)")
+    p.add_argument("--runtime", default=None, choices=["fast", "transformers"],
+                   help="fast: maskpro's compiled Llama-family decoder, 2:4 weights compressed only, against vLLM "
+                        "dense and the same decoder dense (maskpro.bench.generate_fast); transformers: the "
+                        "transformers model with sparsify's layers (default: fast on GPU, transformers on CPU)")
+    p.add_argument("--points", nargs="+", default=None, metavar="BATCH:PROMPT",
+                   help="with --runtime fast, these (batch, prompt) points instead of every batch size x prompt")
+    p.add_argument("--dense-points", nargs="+", default=None, metavar="BATCH:PROMPT",
+                   help="with --runtime fast, time maskpro's own dense decoder at these points only (default: all)")
+    p.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --runtime fast, time vLLM dense first in the same call (when vLLM is installed)")
+    p.add_argument("--vllm-results", default=None, metavar="JSON",
+                   help="with --runtime fast, vLLM dense figures that `python -m maskpro.bench.vllm_dense` wrote "
+                        "earlier in the same call sequence, instead of running vLLM now")
     p.add_argument("--tag", default=None, help="results name generate-<tag>.json (default: the device)")
     add_output_args(p, "generate-<tag>.json")
 
@@ -320,6 +333,11 @@ def run(a: argparse.Namespace) -> Path:
     fill_defaults(a, GPU if device == "cuda" else CPU)
     dtype = DTYPES[a.dtype if device == "cuda" else "fp32"]
     out_path = output_path(a, f"generate-{a.tag or device_tag()}.json")
+    if a.runtime == "fast":
+        from .generate_fast import run as run_fast
+        from .plot import publish
+
+        return publish(run_fast(a, out_path))
     model, desc = build_model(a, device, dtype)
     weights_gib = {"dense": allocated_gib()}
     sparse_model = copy.deepcopy(model)

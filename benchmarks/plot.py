@@ -107,7 +107,36 @@ def kernels(d: dict, plt, title: str):
     return fig
 
 
+def generate_fast(d: dict, plt, title: str):
+    """Decode step and TTFT per (batch, prompt): vLLM dense, maskpro dense and 2:4 (fast runtime), roofline."""
+    sparse = d["sparse"]["rows"]
+    dense_at = {(r["batch"], r["prompt"]): r for r in d["dense_compiled"]["rows"]}
+    dense = [dense_at.get((r["batch"], r["prompt"]), {}) for r in sparse]
+    vllm = {(r["batch"], r["prompt"]): r for r in d.get("vllm_dense", {}).get("rows", [])}
+    labels = [f"{r['batch']}x{r['prompt']}" for r in sparse]
+    x = range(len(sparse))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    series = [("vLLM dense", [vllm.get((r["batch"], r["prompt"]), {}) for r in sparse], "#888"),
+              ("maskpro dense", dense, "#37a"), ("maskpro 2:4", sparse, "#2a7")]
+    width = 0.8 / len(series)
+    for i, (name, rows, color) in enumerate(series):
+        xs = [j + (i - 1) * width for j in x]
+        a.bar(xs, [r.get("decode_ms", float("nan")) for r in rows], width, label=name, color=color)
+        b.bar(xs, [r.get("ttft_ms", float("nan")) for r in rows], width, label=name, color=color)
+    a.scatter([j + width for j in x], [r["roofline_ms"] for r in sparse], marker="_", s=300, color="k", zorder=3,
+              label="2:4 roofline (bytes / copy bandwidth)")
+    a.set(xticks=list(x), xticklabels=labels, xlabel="batch x prompt tokens", ylabel="ms per decode step",
+          title=title)
+    b.set(xticks=list(x), xticklabels=labels, xlabel="batch x prompt tokens", ylabel="time to first token, ms",
+          title="prefill", yscale="log")
+    a.legend(fontsize=8)
+    b.legend(fontsize=8)
+    return fig
+
+
 def generate(d: dict, plt, title: str):
+    if "sparse" in d and "dense_compiled" in d:   # maskpro-bench generate --runtime fast
+        return generate_fast(d, plt, title)
     rows = [r for r in d.get("rows", []) if "error" not in r["dense"] and "error" not in r["sparse"]]
     if not rows:
         return None

@@ -183,7 +183,27 @@ def floor_cell(floor: dict | None) -> str:
     return f"{num(floor['compressed'])} / {num(floor['dense'])}" if floor else "-"
 
 
+def generate_fast_section(path: Path, d: dict) -> list[str]:
+    """``generate --runtime fast``: 2:4 against vLLM dense and maskpro's compiled dense decoder per point."""
+    vllm = {(r["batch"], r["prompt"]): r for r in d.get("vllm_dense", {}).get("rows", [])}
+    dense = {(r["batch"], r["prompt"]): r for r in d["dense_compiled"]["rows"]}
+    rows = []
+    for s in d["sparse"]["rows"]:
+        v, dn = vllm.get((s["batch"], s["prompt"]), {}), dense.get((s["batch"], s["prompt"]), {})
+        best = min(x for x in (v.get("decode_ms"), dn.get("decode_ms"), float("inf")) if x is not None)
+        rows.append([s["batch"], s["prompt"], num(v.get("decode_ms"), 3), num(dn.get("decode_ms"), 3),
+                     num(s["decode_ms"], 3), num(best / s["decode_ms"], 3), num(s["roofline_fraction"], 3),
+                     f"{num(v.get('ttft_ms'))} / {num(dn.get('ttft_ms'))} / {num(s['ttft_ms'])}"])
+    extra = (f"model: {d.get('model', '?')}; {d.get('new_tokens', '?')} new tokens; weights "
+             f"{num(d['dense_compiled']['weights_gib'])} GiB dense, {num(d['sparse']['weights_gib'])} GiB 2:4")
+    return caption(path, d, extra) + table(
+        ["batch", "prompt", "ms/step vLLM dense", "maskpro dense", "maskpro 2:4", "speedup vs strongest dense",
+         "2:4 roofline fraction", "TTFT ms vLLM / dense / 2:4"], rows)
+
+
 def generate_section(path: Path, d: dict) -> list[str]:
+    if "sparse" in d and "dense_compiled" in d:
+        return generate_fast_section(path, d)
     rows = []
     for r in d.get("rows") or [{"batch": d.get("batch"), "prompt_tokens": d.get("prompt_tokens"),
                                 **d.get("detail", {}), "decode_speedup": d.get("decode_speedup")}]:

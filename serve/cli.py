@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch: 'static' keeps each running request in a preallocated slot (decode can replay "
                         "CUDA graphs; memory: rows x (max prompt + max tokens)); 'dynamic' grows the cache per "
                         "step; auto: static on a GPU when it fits in half the free memory (default)")
+    p.add_argument("--runtime", default="auto", choices=("auto", "fast", "transformers"),
+                   help="torch: 'fast' runs maskpro's compiled Llama-family decoder (2:4 weights held compressed "
+                        "only, decode from CUDA graphs); 'transformers' the transformers model with 2:4 layers "
+                        "swapped in; auto: fast for Llama/Mistral/Qwen2 models on a GPU (default)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="torch with the static KV cache on a GPU: replay decode steps from CUDA graphs (default on)")
     p.add_argument("--threads", type=int, default=None, help="torch on CPU: intra-op threads (default: cores "
@@ -154,6 +158,7 @@ def serve_torch(a: argparse.Namespace) -> int:
                        max_batch_size=a.max_batch_size or 32, max_queue=a.max_queue,
                        max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_tokens or 1024,
                        request_timeout_s=a.timeout, kv_cache=a.kv_cache, cuda_graphs=a.cuda_graphs, threads=threads,
+                       runtime=a.runtime,
                        served_model_name=a.served_model_name)
     cfg.validate()
     resolve_model_path(a.model)      # a bad folder or device fails before the port is taken
@@ -223,7 +228,7 @@ def external_command(a: argparse.Namespace) -> list[str]:
     if a.device not in ("auto", "cuda"):
         raise MaskproError(f"--backend {a.backend} runs on CUDA GPUs; drop --device {a.device}")
     ignored = [flag for flag, used in (("--no-sparse", a.no_sparse), ("--no-cuda-graphs", not a.cuda_graphs),
-                                       ("--kv-cache", a.kv_cache != "auto"),
+                                       ("--kv-cache", a.kv_cache != "auto"), ("--runtime", a.runtime != "auto"),
                                        ("--threads", a.threads is not None), ("--timeout", a.timeout != 300.0),
                                        ("--max-queue", a.max_queue != 128)) if used]
     if ignored:

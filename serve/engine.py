@@ -117,6 +117,7 @@ class ClientCancelledError(ServeError):
 # ------------------------------------------------------------------------------------------------ config
 
 KV_CACHES = ("auto", "static", "dynamic")
+RUNTIMES = ("auto", "fast", "transformers")
 STATIC_CACHE_SHARE = 0.5   # "auto" falls back to the dynamic cache when slots would need more of the free memory
 
 
@@ -137,6 +138,7 @@ class EngineConfig:
     prefill_tokens: int = 8192         # padded tokens one prefill group may hold (bounds a step's latency)
     kv_cache: str = "auto"             # auto (static slots on CUDA, else dynamic) | static | dynamic
     cuda_graphs: bool = True           # static cache on CUDA: replay decode steps from CUDA graphs
+    runtime: str = "auto"              # auto (fast for Llama-family models on CUDA) | fast | transformers
     threads: int | None = None         # torch intra-op threads on CPU; None leaves torch's setting alone
     served_model_name: str | None = None  # the id clients pass as "model"; default: the folder name
 
@@ -146,6 +148,10 @@ class EngineConfig:
                 raise MaskproError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_cache not in KV_CACHES:
             raise MaskproError(f"unknown kv_cache {self.kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
+        if self.runtime not in RUNTIMES:
+            raise MaskproError(f"unknown runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        if self.runtime == "fast" and self.kv_cache == "dynamic":
+            raise MaskproError("runtime 'fast' decodes over the static slot cache; drop kv_cache=dynamic")
         if self.threads is not None and self.threads < 1:
             raise MaskproError(f"threads must be >= 1, got {self.threads}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
@@ -514,7 +520,10 @@ class TorchEngine:
         model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.dtype, local_files_only=True)
         self.model = model.to(self.device).eval()
         graphs_wanted = config.cuda_graphs and self.device.type == "cuda" and config.kv_cache != "dynamic"
-        if config.sparse:
+        self.runtime = self._runtime()
+        if self.runtime == "fast":
+            self.sparsity = {"backend": "fast", "layers": 0}  # filled when the fast decoder takes the weights
+        elif config.sparse:
             from maskpro.serve.sparse_linear import TOKEN_BUCKETS, _bucket, sparsify
 
             from .slot_cache import PREFILL_GRAPH_TOKENS
@@ -549,10 +558,33 @@ class TorchEngine:
         self._count_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------- KV cache
+    def _runtime(self) -> str:
+        """'fast' (maskpro's compiled Llama-family decoder) or 'transformers', from ``config.runtime``."""
+        from .fast_model import FAMILY
+
+        kind = getattr(self.model.config, "model_type", "?")
+        if self.config.runtime == "fast":  # on CPU it runs eagerly (what the CPU tests exercise)
+            return "fast"
+        auto = (self.config.runtime == "auto" and self.device.type == "cuda" and kind in FAMILY
+                and self.config.kv_cache != "dynamic")
+        return "fast" if auto else "transformers"
+
+    def _fast_decoder(self) -> tuple[SlotDecoder, dict]:
+        """The fast runtime's decoder over a static slot cache; the transformers model's linears are released
+        as it takes their weights (2:4 ones compressed only, with ``config.sparse``)."""
+        from .fast_decoder import for_engine
+
+        capacity = min(self.max_context, self.max_prompt_tokens + self.config.max_new_tokens)
+        decoder, self.sparsity, kv = for_engine(self.model, self.config.max_batch_size, capacity, self.dtype,
+                                                self.device, self.config.sparse, self.config.cuda_graphs)
+        return decoder, kv
+
     def _slot_decoder(self) -> tuple[SlotDecoder | None, dict]:
         """The static slot cache and its decoder where ``kv_cache`` allows it; else (None, why not)."""
         from transformers import DynamicCache
 
+        if self.runtime == "fast":
+            return self._fast_decoder()
         mode = self.config.kv_cache
         if mode == "dynamic" or (mode == "auto" and self.device.type != "cuda"):
             return None, {"kind": "dynamic", "why": "kv_cache=dynamic" if mode == "dynamic" else "not on a GPU"}

@@ -37,7 +37,7 @@ PREFILL_GRAPH_TOKENS = 2048  # rows x padded length of the prefills replayed fro
 HELD_PREFILL_BYTES = 2 << 30  # output K/V the captured prefills may hold together (least recently used dropped)
 
 
-def _pow2_at_least(n: int, floor: int, ceiling: int) -> int:
+def pow2_at_least(n: int, floor: int, ceiling: int) -> int:
     size = floor
     while size < n:
         size *= 2
@@ -132,6 +132,7 @@ class SlotDecoder:
         self._bytes_per_token = cache_bytes(len(cache.keys), 1, 1, cache.keys[0].shape[1], cache.keys[0].shape[3],
                                             cache.keys[0].dtype)
         self.prefill_graphs = graphs
+        self.prefill_graph_tokens = PREFILL_GRAPH_TOKENS  # rows x padded length replayed from graphs
         self.prefills_captured = 0
         self._pool = None
         if graphs:
@@ -142,8 +143,8 @@ class SlotDecoder:
 
     def buckets(self, rows: int, longest: int) -> tuple[int, int]:
         """The (rows, columns) a step for ``rows`` running rows whose longest has ``longest`` tokens runs at."""
-        return (_pow2_at_least(rows, 1, self.cache.slots),
-                _pow2_at_least(longest, min(MIN_COLUMNS, self.cache.capacity), self.cache.capacity))
+        return (pow2_at_least(rows, 1, self.cache.slots),
+                pow2_at_least(longest, min(MIN_COLUMNS, self.cache.capacity), self.cache.capacity))
 
     def _forward(self, rows: int, cols: int) -> torch.Tensor:
         pos = self._pos[:rows]
@@ -236,24 +237,30 @@ class SlotDecoder:
         ``PREFILL_GRAPH_TOKENS`` padded tokens replays a graph captured once per (rows, length): eagerly, the
         host's launch work for every layer took as long as the GPU's work at these sizes.
         """
-        n, longest = len(prompts), max(map(len, prompts))
-        length = _pow2_at_least(longest, min(MIN_PREFILL_LENGTH, self.cache.capacity), self.cache.capacity)
-        rows, run = n, None
-        if self.prefill_graphs:  # rows padded to a power of two (into free slots) too: fewer shapes to capture
-            rows = min(_pow2_at_least(n, 1, self.cache.slots), self.cache.slots - first_slot)
-            if rows * length <= PREFILL_GRAPH_TOKENS:
-                run = self._prefill_graph(rows, length)
-        prompts = prompts + [[pad_id]] * (rows - n) if run is not None else prompts
-        ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long)
+        ids, last, run = self._padded(prompts, first_slot, pad_id)
         if run is None:
             logits, kv = self._prefill_forward(ids.to(self.device), last.to(self.device))
         else:
             logits, kv = run(ids, last)
-        self.cache.load(first_slot, kv, length)
-        return logits[:n].float()
+        self.cache.load(first_slot, kv, ids.shape[1])
+        return logits[:len(prompts)].float()
+
+    def _padded(self, prompts: list[list[int]], first_slot: int, pad_id: int):
+        """(ids [rows, length] on the host, each row's last position, the captured prefill or None): prompts
+        right padded to a power-of-two length, and with graphs to a power-of-two number of rows (into free
+        slots) too, so fewer shapes are captured."""
+        n, longest = len(prompts), max(map(len, prompts))
+        length = pow2_at_least(longest, min(MIN_PREFILL_LENGTH, self.cache.capacity), self.cache.capacity)
+        run = None
+        if self.prefill_graphs:
+            rows = min(pow2_at_least(n, 1, self.cache.slots), self.cache.slots - first_slot)
+            if rows * length <= self.prefill_graph_tokens:
+                run = self._prefill_graph(rows, length)
+                prompts = prompts + [[pad_id]] * (rows - n) if run is not None else prompts
+        ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        return ids, torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long), run
 
     def _prefill_forward(self, ids: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, object]:
         from transformers import DynamicCache

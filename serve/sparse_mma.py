@@ -85,7 +85,8 @@ def mma_layout(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, 
     pairs = values.contiguous().view(torch.int32)                       # (n, k/4): one group's two values
     nib = group_nibbles(meta)
     # hardware group 2i + h of a tile takes group 4h + i, so a lane's inputs are 32 contiguous bytes
-    order = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7], device=values.device)
+    i = torch.arange(8, device=values.device)   # built on the device: no host copy, so capturable in a graph
+    order = (i % 2) * 4 + i // 2                  # 0 4 1 5 2 6 3 7
     pairs = pairs.reshape(n, kt, 8)[:, :, order].reshape(n, k // 4)
     nib = nib.reshape(n, kt, 8)[:, :, order].reshape(n, k // 4)
     # (tile row, row half h, g, k tile, group half s, t) -> (tile row, k tile, g, t, s, h)
@@ -106,7 +107,8 @@ def mma_unlayout(tiles: torch.Tensor, positions: torch.Tensor, dtype: torch.dtyp
     k = kt * 32
     # tiles: (tile row, k tile, g, t, s, h) -> (tile row, h, g, k tile, s, t), then the tile's group order undone
     pairs = tiles.reshape(n // 16, kt, 8, 4, 2, 2).permute(0, 5, 2, 1, 4, 3).reshape(n, kt, 8)
-    inverse = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7], device=tiles.device)
+    i = torch.arange(8, device=tiles.device)     # built on the device: no host copy, so capturable in a graph
+    inverse = (i % 4) * 2 + i // 4                # 0 2 4 6 1 3 5 7
     values = pairs[:, :, inverse].reshape(n, k // 4).contiguous().view(dtype).reshape(n, k // 2)
     words = positions.reshape(n // 16, k // 128, 8, 2, 4).permute(0, 2, 1, 4, 3).reshape(n // 16, 1, 8, kt, 2, 1)
     shift = ((4 * torch.arange(4, device=tiles.device))[None, None, None, None, None, :]
@@ -246,24 +248,24 @@ def _kernel(cfg: MmaConfig, ntiles: int, dtype: torch.dtype, device: int):
     for op in ("mma.sp::ordered_metadata", "mma.sp"):
         try:
             with torch.cuda.device(device):
-                return _Launcher(compile_kernel(src.replace("__MMA__", op), "sp24_mma"))
+                return Launcher(compile_kernel(src.replace("__MMA__", op), "sp24_mma"), 6, 3)
         except RuntimeError as e:
             last = e
     raise RuntimeError(f"NVRTC could not build the mma.sp kernel: {last}")
 
 
-class _Launcher:
-    """``cuLaunchKernel`` with its argument block built once: PyTorch's generic launcher rebuilds it with
-    ctypes on every call (eager plan timings through it read ~70 us a call on an H100, against ~12-30 us of
-    kernel time)."""
+class Launcher:
+    """``cuLaunchKernel`` for a kernel of ``pointers`` pointer arguments then ``ints`` int arguments, with its
+    argument block built once: PyTorch's generic launcher rebuilds it with ctypes on every call (eager plan
+    timings through it read ~70 us a call on an H100, against ~12-30 us of kernel time)."""
 
-    def __init__(self, kernel) -> None:
+    def __init__(self, kernel, pointers: int, ints: int) -> None:
         from torch.cuda._utils import _get_gpu_runtime_library
 
         self.kernel, self.lib = kernel, _get_gpu_runtime_library()
-        self.ptrs = [ctypes.c_void_p() for _ in range(6)]
-        self.ints = [ctypes.c_int() for _ in range(3)]
-        self.argv = (ctypes.c_void_p * 9)(*[ctypes.addressof(o) for o in self.ptrs + self.ints])
+        self.ptrs = [ctypes.c_void_p() for _ in range(pointers)]
+        self.ints = [ctypes.c_int() for _ in range(ints)]
+        self.argv = (ctypes.c_void_p * (pointers + ints))(*[ctypes.addressof(o) for o in self.ptrs + self.ints])
         self.lock = threading.Lock()  # the argument block is shared; launches copy it, so only this is guarded
 
     def __call__(self, grid: tuple[int, int], block: int, ptrs: list[int], ints: list[int]) -> None:
@@ -275,7 +277,7 @@ class _Launcher:
             err = self.lib.cuLaunchKernel(self.kernel.func, grid[0], grid[1], 1, block, 1, 1, 0,
                                           ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), self.argv, None)
         if err:
-            raise RuntimeError(f"launching the mma.sp kernel failed with CUDA error {err}")
+            raise RuntimeError(f"launching a maskpro kernel failed with CUDA error {err}")
 
 
 def compile_kernel(src: str, name: str):

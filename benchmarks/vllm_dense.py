@@ -1,0 +1,88 @@
+"""vLLM's dense decode and time to first token at a model's shapes: the baseline a 2:4 model must beat.
+
+Run as its own process (``python -m maskpro.bench.vllm_dense``) by ``maskpro-bench generate --vllm`` before the
+maskpro variants load, so vLLM's memory is released when they start; prints one JSON line.
+
+vLLM runs in its default mode (torch.compile and CUDA graphs) on weights it initialises itself
+(``load_format="dummy"``: speed does not depend on the values) from a config.json at the given shapes, with
+prefix caching off so no repetition reuses an earlier prompt's cache. Each repetition draws new random prompt
+token ids. Time to first token is the wall time of ``generate`` with one output token; a decode step is the
+wall time of ``generate`` with ``new + 1`` tokens minus that, over ``new``: both are what a caller of the engine
+waits, host scheduling included, as maskpro's own timings are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+
+def measure(config_dir: str, points: list[tuple[int, int]], new: int, reps: int, dtype: str) -> dict:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    import vllm
+
+    llm = LLM(model=config_dir, load_format="dummy", dtype=dtype, max_model_len=max(p for _, p in points) + new + 16,
+              skip_tokenizer_init=True, enable_prefix_caching=False, max_num_seqs=max(b for b, _ in points),
+              gpu_memory_utilization=0.85, seed=0)
+    first = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
+    whole = SamplingParams(max_tokens=new + 1, ignore_eos=True, temperature=0.0, detokenize=False)
+    gen = torch.Generator().manual_seed(0)
+    vocab = json.load(open(os.path.join(config_dir, "config.json")))["vocab_size"]
+
+    def batch_of(b: int, p: int) -> list:
+        return [TokensPrompt(prompt_token_ids=torch.randint(0, vocab, (p,), generator=gen).tolist())
+                for _ in range(b)]
+
+    def wall(b: int, p: int, params) -> float:
+        inputs = batch_of(b, p)
+        t0 = time.perf_counter()
+        out = llm.generate(inputs, params, use_tqdm=False)
+        dt = (time.perf_counter() - t0) * 1000
+        assert all(len(o.outputs[0].token_ids) == params.max_tokens for o in out)
+        return dt
+
+    rows = []
+    for b, p in points:
+        for _ in range(1):  # warm-up: graphs for this batch, the allocator
+            wall(b, p, first)
+            wall(b, p, whole)
+        ttft = [wall(b, p, first) for _ in range(reps)]
+        total = [wall(b, p, whole) for _ in range(reps)]
+        t, w = statistics.median(ttft), statistics.median(total)
+        rows.append({"batch": b, "prompt": p, "ttft_ms": t, "decode_ms": (w - t) / new,
+                     "ttft_ms_all": ttft, "total_ms_all": total})
+        print(f"vllm dense batch {b} prompt {p}: ttft {t:.2f} ms, decode {(w - t) / new:.3f} ms/step",
+              file=sys.stderr, flush=True)
+    return {"vllm": vllm.__version__, "mode": "default (torch.compile + CUDA graphs)", "rows": rows}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", default="llama2-7b", help="model shapes (maskpro-bench configs)")
+    p.add_argument("--points", nargs="+", default=["1:512", "4:512", "16:512"], help="BATCH:PROMPT pairs")
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dtype", default="float16")
+    a = p.parse_args()
+    from .configs import resolve
+    from .generate_fast import parse_points
+
+    points = parse_points(a.points)
+    with tempfile.TemporaryDirectory() as d:
+        shape = resolve(a.config)
+        shape.llama_config(max_position_embeddings=max(p for _, p in points) + a.new + 64).save_pretrained(d)
+        out = measure(d, points, a.new, a.reps, a.dtype)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
