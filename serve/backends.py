@@ -182,7 +182,7 @@ def prepare_trtllm_model(model: str | os.PathLike, tensor_parallel_size: int,
     return engine, "tensorrt", Path(tokenizer)
 
 
-def health_url(host: str, port: int, path: str = "/health") -> str:
+def health_url(host: str, port: int, path: str = "/health", scheme: str = "http") -> str:
     """Where to poll a server listening on ``host`` (a wildcard address is polled on loopback)."""
     if host in ("0.0.0.0", "", "*"):
         host = "127.0.0.1"
@@ -190,11 +190,12 @@ def health_url(host: str, port: int, path: str = "/health") -> str:
         host = "::1"
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"http://{host}:{port}{path}"
+    return f"{scheme}://{host}:{port}{path}"
 
 
 def run_server_process(cmd: Sequence[str], host: str, port: int, *, startup_timeout_s: float = 900.0,
-                       health_path: str = "/health", env: dict | None = None, name: str | None = None) -> int:
+                       health_path: str = "/health", env: dict | None = None, name: str | None = None,
+                       tls: bool = False) -> int:
     """Run a server command until it exits; returns 0 when it stopped because we forwarded a signal.
 
     Waits for ``health_path`` to answer 200 (logs "ready"), forwards SIGINT and SIGTERM to the child (which
@@ -204,7 +205,7 @@ def run_server_process(cmd: Sequence[str], host: str, port: int, *, startup_time
     import httpx
 
     name = name or Path(cmd[0]).name
-    url = health_url(host, port, health_path)
+    url = health_url(host, port, health_path, "https" if tls else "http")
     log.info("starting: %s", " ".join(cmd))
     child = subprocess.Popen(list(cmd), env=env, start_new_session=True)
     forwarded: list[int] = []
@@ -218,7 +219,8 @@ def run_server_process(cmd: Sequence[str], host: str, port: int, *, startup_time
     try:
         deadline = time.monotonic() + startup_timeout_s
         ready = False
-        with httpx.Client(timeout=2.0) as client:
+        # our own child on this host: its certificate may be self-signed, and only liveness is asked
+        with httpx.Client(timeout=2.0, verify=not tls) as client:
             while child.poll() is None and not forwarded:
                 try:
                     if client.get(url).status_code == 200:

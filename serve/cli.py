@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch with the static KV cache on a GPU: replay decode steps from CUDA graphs (default on)")
     p.add_argument("--threads", type=int, default=None, help="torch on CPU: intra-op threads (default: cores "
                                                              "minus one, leaving a core for HTTP)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (401 otherwise; /health and /metrics stay "
+                        "open); default: the MASKPRO_API_KEY environment variable, else no key. Passed to vLLM "
+                        "for --backend vllm")
+    p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (with --ssl-certfile)")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (with --ssl-keyfile)")
     p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds in-flight requests get to finish "
                                                                        "after SIGTERM (default 5)")
     p.add_argument("--tokenizer", default=None, help="trtllm: tokenizer folder of a TensorRT-LLM engine")
@@ -123,6 +129,18 @@ def _check_args(a: argparse.Namespace) -> None:
         raise MaskproError("--timeout and --startup-timeout must be > 0 and --shutdown-grace >= 0")
     if a.backend == "torch" and a.engine_args:
         raise MaskproError(f"arguments after -- ({' '.join(a.engine_args)}) are for --backend vllm or trtllm")
+    if a.api_key is None:
+        a.api_key = os.environ.get("MASKPRO_API_KEY") or None
+    if a.api_key is not None and not a.api_key.strip():
+        raise MaskproError("--api-key is empty; give a key, or leave it out to serve without one")
+    if a.api_key and a.backend == "trtllm":
+        raise MaskproError("trtllm-serve takes no API key; serve it behind a proxy that checks one, or use "
+                           "--backend torch or vllm")
+    if (a.ssl_keyfile is None) != (a.ssl_certfile is None):
+        raise MaskproError("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    for flag, path in (("--ssl-keyfile", a.ssl_keyfile), ("--ssl-certfile", a.ssl_certfile)):
+        if path is not None and not os.path.isfile(path):
+            raise MaskproError(f"{flag} {path} does not exist; give the path of a PEM file")
     if a.backend == "torch" and a.tensor_parallel_size != 1:
         raise MaskproError("the torch backend runs on one device; --tensor-parallel-size needs --backend vllm or "
                            "trtllm")
@@ -173,9 +191,10 @@ def serve_torch(a: argparse.Namespace) -> int:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise MaskproError(f"cannot load {a.model}: {first}") from None
         grace = a.shutdown_grace
-        app = create_app(engine, ServerConfig(shutdown_grace_s=grace))
+        app = create_app(engine, ServerConfig(shutdown_grace_s=grace, api_key=a.api_key))
         config = uvicorn.Config(app, log_level=a.log_level, access_log=a.access_log, lifespan="on",
-                                timeout_graceful_shutdown=grace + 10.0, timeout_keep_alive=5)
+                                timeout_graceful_shutdown=grace + 10.0, timeout_keep_alive=5,
+                                ssl_keyfile=a.ssl_keyfile, ssl_certfile=a.ssl_certfile)
         server = GracefulServer(config, on_shutdown=lambda: engine.begin_shutdown(grace))
         port = sock.getsockname()[1]
         log.info("serving %s at http://%s:%d/v1 (torch, %s, %s, sparse backend: %s)", engine.model_id, a.host, port,
@@ -212,7 +231,10 @@ class GracefulServer(uvicorn.Server):
 def serve_external(a: argparse.Namespace) -> int:
     from . import backends
 
-    return backends.run_server_process(external_command(a), a.host, a.port, startup_timeout_s=a.startup_timeout)
+    # the key goes to vLLM through its environment, not its command line, where any local user could read it
+    env = {**os.environ, "VLLM_API_KEY": a.api_key} if a.api_key else None
+    return backends.run_server_process(external_command(a), a.host, a.port, startup_timeout_s=a.startup_timeout,
+                                       env=env, tls=a.ssl_keyfile is not None)
 
 
 def external_command(a: argparse.Namespace) -> list[str]:
@@ -239,7 +261,9 @@ def external_command(a: argparse.Namespace) -> list[str]:
         exe = backends.find_executable("vllm")
         cmd = backends.vllm_command(model, host=a.host, port=a.port, tensor_parallel_size=a.tensor_parallel_size,
                                     dtype=a.dtype, max_batch_size=a.max_batch_size, max_model_len=max_len,
-                                    served_model_name=a.served_model_name, extra_args=a.engine_args, exe=exe)
+                                    served_model_name=a.served_model_name, exe=exe,
+                                    extra_args=[*a.engine_args, *(["--ssl-keyfile", a.ssl_keyfile, "--ssl-certfile",
+                                                                   a.ssl_certfile] if a.ssl_keyfile else [])])
     else:
         model, trt_backend, tokenizer = backends.prepare_trtllm_model(a.model, a.tensor_parallel_size, a.tokenizer)
         exe = backends.find_executable("trtllm")

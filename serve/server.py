@@ -15,6 +15,7 @@ first token (queue timeout, shutdown) still get their real status; an error afte
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import secrets
@@ -58,6 +59,7 @@ class ServerConfig:
 
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_grace_s: float = 5.0
+    api_key: str | None = None   # when set, /v1/* needs "Authorization: Bearer <key>" (/health, /metrics stay open)
 
 
 # ------------------------------------------------------------------------------------------ request models
@@ -181,13 +183,23 @@ class _BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"the request body is larger than {limit} bytes")
 
 
-class _Guard:
-    """ASGI middleware: body-size limit (413) and per-request metrics (count by status, latency)."""
+def authorized(headers: list[tuple[bytes, bytes]], api_key: str) -> bool:
+    """Whether the request carries ``Authorization: Bearer <api_key>``, compared in constant time (a timing
+    difference must not reveal how much of a guessed key was right)."""
+    value = dict(headers).get(b"authorization", b"")
+    scheme, _, token = value.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key.encode())
 
-    def __init__(self, app, metrics: _Metrics, max_body_bytes: int):
+
+class _Guard:
+    """ASGI middleware: the API key on /v1/* (401), body-size limit (413) and per-request metrics (count by
+    status, latency)."""
+
+    def __init__(self, app, metrics: _Metrics, max_body_bytes: int, api_key: str | None = None):
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
+        self.api_key = api_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -205,6 +217,12 @@ class _Guard:
             await send(message)
 
         try:
+            if self.api_key and path.startswith("/v1") and not authorized(scope.get("headers") or [], self.api_key):
+                await _send_json(send_wrapper, 401, _error_body(
+                    "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key the "
+                    "server was started with (--api-key or MASKPRO_API_KEY)", "invalid_request_error", None,
+                    "invalid_api_key"), headers=[(b"www-authenticate", b"Bearer")])
+                return
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body:
                 await _send_json(send_wrapper, 413, _error_body(str(_BodyTooLarge(self.max_body).detail),
@@ -228,10 +246,11 @@ class _Guard:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
-async def _send_json(send, status: int, body: dict) -> None:
+async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
     await send({"type": "http.response.body", "body": data})
 
 
@@ -302,7 +321,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     app = FastAPI(title="maskpro-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend = backend
     app.state.metrics = metrics
-    app.add_middleware(_Guard, metrics=metrics, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(_Guard, metrics=metrics, max_body_bytes=config.max_body_bytes, api_key=config.api_key)
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError):

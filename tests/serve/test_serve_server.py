@@ -46,10 +46,11 @@ class Server:
     port: int
     log: Path
     model: str
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"{self.scheme}://{HOST}:{self.port}"
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **kw)
@@ -77,7 +78,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(url + "/health", timeout=2.0).status_code == 200:
+            if httpx.get(url + "/health", timeout=2.0, verify=False).status_code == 200:
                 return True
         except httpx.HTTPError:
             pass
@@ -96,7 +97,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def serve(model: Path, log_dir: Path, *args: str, name: str | None = None) -> Iterator[Server]:
+def serve(model: Path, log_dir: Path, *args: str, name: str | None = None, env: dict | None = None,
+          scheme: str = "http") -> Iterator[Server]:
     """Start ``python -m maskpro.serve.cli MODEL`` on a free loopback port and wait for /health."""
     for _ in range(3):
         port = _free_port()
@@ -104,8 +106,9 @@ def serve(model: Path, log_dir: Path, *args: str, name: str | None = None) -> It
         with open(log, "w") as fh:
             proc = subprocess.Popen([sys.executable, "-m", "maskpro.serve.cli", str(model), "--host", HOST, "--port",
                                      str(port), "--log-level", "warning", *args],
-                                    stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        server = Server(proc, port, log, name or Path(model).name)
+                                    stdout=fh, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        server = Server(proc, port, log, name or Path(model).name, scheme)
         if _wait_healthy(proc, server.url, 180):
             break
         _stop(proc)
@@ -294,6 +297,40 @@ def test_queue_full_429_and_timeout_504(tiny_model_dir, tmp_path):
         else:
             assert _error(stream, 504)["code"] == "request_timeout"
         assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_api_key_guards_v1_and_leaves_health_open(tiny_model_dir, tmp_path):
+    """The key from MASKPRO_API_KEY: /v1/* without it (or with a wrong one, or not as a Bearer token) is an
+    OpenAI-style 401; with it the OpenAI client works as before; /health and /metrics stay open."""
+    with serve(tiny_model_dir, tmp_path, "--max-tokens", "8", env={"MASKPRO_API_KEY": "s3cret-key"}) as server:
+        body = {"model": server.model, "prompt": "Hi", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer s3cret-kez"}, {"Authorization": "s3cret-key"},
+                        {"Authorization": "Basic s3cret-key"}, {"Authorization": "Bearer s3cret-key-and-more"}):
+            r = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
+            assert _error(r, 401)["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+        assert _error(httpx.get(server.url + "/v1/models"), 401)["type"] == "invalid_request_error"
+        assert httpx.get(server.url + "/health").status_code == 200
+        assert httpx.get(server.url + "/metrics").status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            server.client().models.list()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret-key", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [server.model]
+        assert client.completions.create(model=server.model, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
+def test_https_with_a_key(tiny_model_dir, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    with serve(tiny_model_dir, tmp_path, "--max-tokens", "8", "--api-key", "k", "--ssl-keyfile", str(key),
+               "--ssl-certfile", str(cert), scheme="https") as server:
+        r = httpx.post(server.url + "/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 2},
+                       headers={"Authorization": "Bearer k"}, verify=str(cert))
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
+            httpx.get(f"http://{HOST}:{server.port}/health", timeout=2.0)
 
 
 def test_sigterm_shuts_down_cleanly(tiny_model_dir, tmp_path):
@@ -502,6 +539,11 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_model_dir, tmp_path, capsys):
         ([str(tiny_model_dir), "--dtype", "int4"], "invalid choice"),
         ([str(tiny_model_dir), "--port", "99999"], "--port must be in"),
         ([str(tiny_model_dir), "--", "--quantization", "maskpro"], "are for --backend vllm or trtllm"),
+        ([str(tiny_model_dir), "--api-key", " "], "--api-key is empty"),
+        ([str(tiny_model_dir), "--ssl-keyfile", str(tmp_path / "k.pem")], "needs both --ssl-keyfile"),
+        ([str(tiny_model_dir), "--ssl-keyfile", str(tmp_path / "k.pem"), "--ssl-certfile", str(tmp_path / "c.pem")],
+         "does not exist"),
+        ([str(tiny_model_dir), "--backend", "trtllm", "--port", "8000", "--api-key", "k"], "takes no API key"),
         ([str(tiny_model_dir), "--device", "cuda"] if not torch.cuda.is_available() else [str(tmp_path / "x")],
          "no CUDA GPU" if not torch.cuda.is_available() else "not a local"),
     ]
