@@ -144,6 +144,9 @@ def check_folder(folder: str | os.PathLike, nm: NM | None = None) -> CheckReport
     folder = Path(folder)
     if not folder.is_dir():
         raise MaskproError(f"{folder} is not a folder; pass a model folder written by maskpro prune")
+    from maskpro.integrity import check_folder_files
+
+    check_folder_files(folder)  # masks.safetensors too: a truncated one must not pass a check
     files = sorted(f for f in folder.glob("*.safetensors") if f.name != MASKS)
     if not files:
         raise MaskproError(f"{folder} has no *.safetensors weights; pass a model folder written by maskpro prune")

@@ -79,7 +79,12 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     path = Path(folder) / METADATA
     if not path.is_file():
         raise MaskproError(f"{folder} has no {METADATA}; it is not a maskpro output (run maskpro prune first)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        from .integrity import damaged
+
+        raise damaged(path, f"not valid JSON: {str(e).splitlines()[0]}") from None
 
 
 def load_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -88,6 +93,9 @@ def load_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(folder) / MASKS
     if not path.is_file():
         raise MaskproError(f"{path} is missing; the maskpro output in {folder} is incomplete, prune again")
+    from .integrity import check_safetensors
+
+    check_safetensors(path)
     packed, _ = load_tensors(path)
     return {name: unpack_mask(packed[name], tuple(meta["shapes"][name])) for name in meta["targets"]}
 

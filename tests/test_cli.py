@@ -70,3 +70,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = load_masks(ref), load_masks(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("sub", ["prune", "eval", "check"])
+def test_help_states_each_default_once(sub, capsys):
+    import re
+
+    with pytest.raises(SystemExit):
+        main([sub, "--help"])
+    text = " ".join(capsys.readouterr().out.split())       # undo argparse's line wrapping
+    for option in re.split(r" (?=--?[a-z])", text):
+        assert option.count("(default") <= 1 and "(default: None)" not in option, option
