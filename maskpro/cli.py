@@ -78,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", default=None,
                    help="glob patterns of linear layer names to prune (default: all linears in decoder blocks)")
     g = p.add_argument_group("calibration (wanda, sparsegpt, maskpro's prior)")
-    g.add_argument("--calib-samples", type=int, default=128)
-    g.add_argument("--calib-seq-len", type=int, default=2048)
+    g.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
+    g.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration window")
     g.add_argument("--calib-file", default=None, help="a C4-style .jsonl with a 'text' field")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the data draws and the learner's sampling")
     g = p.add_argument_group("re-fit the kept weights for the final mask (any method)")
     g.add_argument("--reconstruct", nargs="?", const="obs", default="none", choices=["none", "obs", "block"],
                    help="obs: SparseGPT's solver, layer by layer, from the dense weights (bare --reconstruct); "
@@ -94,12 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--learn-on", default="dense", choices=["dense", "sparsegpt", "sparsegpt-block"],
                    help="weights the mask is learned on: dense (paper), SparseGPT's compensated weights, or those "
                         "with the kept ones first re-fitted block by block (--recon-* settings)")
-    g.add_argument("--steps", type=int, default=1000)
-    g.add_argument("--lr", type=float, default=50.0)
+    g.add_argument("--steps", type=int, default=1000, help="policy-gradient steps of the learner")
+    g.add_argument("--lr", type=float, default=50.0, help="step size on the logits")
     g.add_argument("--lr-schedule", default="linear", choices=["linear", "constant"],
                    help="linear decays the step size to 0 at the last step, so the policy settles")
     g.add_argument("--scale", type=float, default=10.0, help="initial logits = prior mask x scale")
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=int, default=32, help="sequences per learning step")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per learning sequence")
     g.add_argument("--n-docs", type=int, default=512, help="C4 documents to learn from (0: all)")
     g.add_argument("--windows-per-doc", type=int, default=1,
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device-map", default=None, choices=["auto"],
                    help="spread the model over all visible GPUs with accelerate in this one process "
                         "(needs --memory lean for maskpro; not under torchrun)")
-    g.add_argument("--checkpoint-every", type=int, default=200)
+    g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     g.add_argument("--workdir", default=None, help="checkpoint folder (default: OUT.work); a rerun resumes from it")
     g.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
 

@@ -93,6 +93,18 @@ def validate_job(job: PruneJob) -> NM:
         job.block.validate()  # before SparseGPT runs, not after
     if job.method == "maskpro" and job.learn_on != "dense" and job.init != "sparsegpt":
         raise MaskproError(f"--learn-on {job.learn_on} needs --init sparsegpt (it learns on SparseGPT's weights)")
+    positive = {"--calib-samples": job.calib.n_samples, "--calib-seq-len": job.calib.seq_len,
+                "--steps": job.learner.steps, "--batch-size": job.learner.batch_size, "--seq-len": job.seq_len,
+                "--windows-per-doc": job.windows_per_doc, "--checkpoint-every": job.learner.checkpoint_every}
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise MaskproError(f"{flag} must be >= 1, got {value}")
+    if job.n_docs is not None and job.n_docs < 0:
+        raise MaskproError(f"--n-docs must be >= 0 (0: every document), got {job.n_docs}")
+    if not job.learner.lr > 0 or not job.learner.scale > 0:
+        raise MaskproError(f"--lr and --scale must be > 0, got {job.learner.lr} and {job.learner.scale}")
+    if not 0 <= job.learner.ema < 1:
+        raise MaskproError(f"--ema must be in [0, 1), got {job.learner.ema}")
     nm = NM.parse(job.nm)
     if job.learner.nm != job.nm:
         job.learner.nm = job.nm

@@ -81,3 +81,17 @@ def test_help_states_each_default_once(sub, capsys):
     text = " ".join(capsys.readouterr().out.split())       # undo argparse's line wrapping
     for option in re.split(r" (?=--?[a-z])", text):
         assert option.count("(default") <= 1 and "(default: None)" not in option, option
+
+
+@pytest.mark.parametrize("option, words", [(["--steps", "-5"], "--steps must be >= 1"),
+                                           (["--seq-len", "0"], "--seq-len must be >= 1"),
+                                           (["--calib-samples", "0"], "--calib-samples must be >= 1"),
+                                           (["--batch-size", "0"], "--batch-size must be >= 1"),
+                                           (["--n-docs", "-1"], "--n-docs must be >= 0"),
+                                           (["--ema", "1.5"], "--ema must be in [0, 1)"),
+                                           (["--lr", "0"], "--lr and --scale must be > 0")])
+def test_bad_numbers_are_refused_before_the_model_loads(option, words, tmp_path, capsys):
+    # the model folder does not exist either: the option must be what is reported, so it was checked first
+    assert main(["prune", "--model", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), *option]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
