@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="maskpro", help="magnitude, wanda, sparsegpt or maskpro")
     p.add_argument("--nm", default="2:4", help="sparsity pattern N:M (keep N of every M weights along the input dim)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--targets", nargs="+", default=None,
                    help="glob patterns of linear layer names to prune (default: all linears in decoder blocks)")
     g = p.add_argument_group("calibration (wanda, sparsegpt, maskpro's prior)")
@@ -158,6 +159,18 @@ def _check_scale_out(a: argparse.Namespace, world: int) -> None:
             raise MaskproError("--device-map auto spreads the model over GPUs, and torch sees none; drop --device-map")
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` must be a folder that can be created, and not silently replace a model (before any work)."""
+    if out.exists() and not out.is_dir():
+        raise MaskproError(f"--out {out} is a file; name a folder (it is created)")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise MaskproError(f"--out {out} cannot be created: {parent} is a file")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MaskproError(f"--out {out} already holds files; pass --overwrite to replace them, or pick another "
+                           f"folder")
+
+
 def _load_spread(name: str | None, dtype: str):
     """(model, tokenizer) with the blocks spread over the visible GPUs by accelerate (``device_map="auto"``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -191,6 +204,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
                    seq_len=a.seq_len, n_docs=a.n_docs, windows_per_doc=a.windows_per_doc,
                    data_root=a.data_dir, calib_file=a.calib_file)
     nm = validate_job(job)  # fail on bad input before loading anything
+    _check_out(Path(a.out), a.overwrite)
     _check_scale_out(a, int(os.environ.get("WORLD_SIZE", "1") or 1))
     group = distributed.init_from_env(device)  # a no-op unless started by torchrun
     if group.distributed:

@@ -95,3 +95,19 @@ def test_bad_numbers_are_refused_before_the_model_loads(option, words, tmp_path,
     assert main(["prune", "--model", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), *option]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_out_is_checked_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "config.json").write_text("{}")
+    for out, words in ((a_file, "is a file; name a folder"), (a_file / "sub", "cannot be created"),
+                       (taken, "pass --overwrite")):
+        # the model does not exist: the --out problem must be what is reported, so it came first
+        assert main(["prune", "--model", str(tmp_path / "absent"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    assert main(["prune", "--model", str(tmp_path / "absent"), "--out", str(taken), "--overwrite"]) == 2
+    assert "not a local Hugging Face folder" in capsys.readouterr().err   # --overwrite lets it through to the load
