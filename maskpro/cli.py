@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -118,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spread the model over all visible GPUs with accelerate in this one process "
                         "(needs --memory lean for maskpro; not under torchrun)")
     g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    g.add_argument("--workdir", default=None, help="checkpoint folder (default: OUT.work); a rerun resumes from it")
+    g.add_argument("--workdir", default=None, help="checkpoint folder (default: OUT.work, removed after success "
+                                                   "unless --keep-work); a rerun resumes from it")
+    g.add_argument("--keep-work", action="store_true", help="keep the default OUT.work folder after success")
     g.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
 
     p = sub.add_parser("eval", help="perplexity (WikiText-2, C4) and zero-shot accuracy",
@@ -227,6 +230,8 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     if group.is_main:  # every rank holds the same pruned model; one writes it
         save_pruned(model, tok, a.out, outcome.masks, nm, label, info)
         print(f"saved {label} {nm} model to {a.out}")
+        if not a.workdir and not a.keep_work and workdir.is_dir():  # an explicit --workdir is the user's to keep
+            shutil.rmtree(workdir, ignore_errors=True)
     distributed.shutdown()
     return info
 

@@ -111,3 +111,12 @@ def test_out_is_checked_before_any_work(tmp_path, capsys):
         assert words in err and len(err.splitlines()) == 1, err
     assert main(["prune", "--model", str(tmp_path / "absent"), "--out", str(taken), "--overwrite"]) == 2
     assert "not a local Hugging Face folder" in capsys.readouterr().err   # --overwrite lets it through to the load
+
+
+def test_the_default_work_folder_goes_after_success_unless_kept(tiny_model_dir, tmp_path):
+    base = ["prune", "--model", str(tiny_model_dir), "--method", "maskpro", "--init", "magnitude", "--steps", "2",
+            "--batch-size", "2", "--seq-len", "16", "--n-docs", "4", "-q"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "maskpro.json").is_file() and not (tmp_path / "a.work").exists()
+    assert main(base + ["--out", str(tmp_path / "b"), "--keep-work"]) == 0
+    assert (tmp_path / "b.work" / CHECKPOINT).is_file()
