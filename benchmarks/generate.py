@@ -189,6 +189,9 @@ def _prepared(v: Variant, prompt_len: int, new_tokens: int, device: str, batch: 
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device,
                         generator=torch.Generator(device).manual_seed(0))
     cache = StaticCache(config=cfg, max_cache_len=prompt_len + new_tokens + 8)
+    from maskpro.models import cache_kwarg
+
+    cache_kw = cache_kwarg(model)
     # a server needs the last position's logits only. The cache is reset outside the timed prefill: some
     # transformers versions write at a counter the reset rewinds, and zeroing the cache is no part of a prefill.
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -196,7 +199,7 @@ def _prepared(v: Variant, prompt_len: int, new_tokens: int, device: str, batch: 
 
     def eager_prefill():
         with torch.no_grad():
-            return model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=cache_position,
+            return model(input_ids=ids, **{cache_kw: cache}, use_cache=True, cache_position=cache_position,
                          **keep).logits[:, -1]
 
     prefill_graph, prefill = (_capture(eager_prefill, device, before=cache.reset) if prefill_graphs
@@ -209,7 +212,7 @@ def _prepared(v: Variant, prompt_len: int, new_tokens: int, device: str, batch: 
 
     def step():
         with torch.no_grad():
-            return model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos,
+            return model(input_ids=tok, **{cache_kw: cache}, use_cache=True, cache_position=pos,
                          position_ids=pos[None].expand(batch, 1)).logits
 
     cache.reset()

@@ -31,7 +31,7 @@ from torch import nn
 
 from maskpro.checkpoint import atomic_path, save_json
 from maskpro.errors import MaskproError
-from maskpro.models import parse_dtype
+from maskpro.models import cache_kwarg, parse_dtype
 
 from .check import CheckReport, check_folder, check_onnx
 
@@ -67,6 +67,7 @@ class KVCacheLM(nn.Module):
         super().__init__()
         self.model = model
         self.n_layers = model.config.num_hidden_layers
+        self.cache_kw = cache_kwarg(model)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
@@ -75,7 +76,7 @@ class KVCacheLM(nn.Module):
         for i in range(self.n_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         use_cache=True, **{self.cache_kw: cache})
         present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return (out.logits, *present)
 

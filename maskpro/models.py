@@ -115,6 +115,14 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: str | torch
     return model.to(device).eval(), tok
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword a transformers model's ``forward`` takes its KV cache by: ``cache`` from transformers 5.25 on
+    (where ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before (5.17)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of transformer blocks of a decoder-only LM (Llama, Mistral, Qwen2, SmolLM, GPT-style)."""
     for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):

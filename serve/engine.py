@@ -543,6 +543,9 @@ class TorchEngine:
         self.eos_ids = self._eos_ids()
         self.pad_id = self._pad_id()
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        from maskpro.models import cache_kwarg
+
+        self._cache_kw = cache_kwarg(self.model)
         self._decoder, self.kv_cache = self._slot_decoder()
         self._lock = threading.Condition()
         self._waiting: deque[_Request] = deque()
@@ -590,8 +593,8 @@ class TorchEngine:
             return None, {"kind": "dynamic", "why": "kv_cache=dynamic" if mode == "dynamic" else "not on a GPU"}
         probe = DynamicCache(config=self.model.config)
         with torch.inference_mode():
-            self.model(input_ids=torch.tensor([[self.pad_id]], device=self.device), past_key_values=probe,
-                       use_cache=True)
+            self.model(input_ids=torch.tensor([[self.pad_id]], device=self.device), use_cache=True,
+                       **{self._cache_kw: probe})
         attn = getattr(self.model.config, "_attn_implementation", None)
         why = ("the model's KV cache is not plain full attention" if not _cache_joinable(probe) else
                f"attention implementation {attn!r} takes no 4D mask (use sdpa or eager)"
@@ -855,8 +858,8 @@ class TorchEngine:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, **kwargs)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self._cache_kw: cache}, **kwargs)
         return out.logits[:, -1, :].float()
 
     def _prefill(self, reqs: list[_Request]) -> _Batch | None:

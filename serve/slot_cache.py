@@ -126,6 +126,9 @@ class SlotDecoder:
         self._pos = torch.zeros((slots, 1), dtype=torch.long, device=self.device)
         self._columns = torch.arange(cache.capacity, device=self.device)
         self._kwargs = {"logits_to_keep": 1} if logits_to_keep else {}
+        from maskpro.models import cache_kwarg
+
+        self._cache_kw = cache_kwarg(model)
         self._steps: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
         self._prefills: dict[tuple[int, int], Callable[[], tuple[torch.Tensor, object]]] = {}  # in LRU order
         self._prefill_seen: dict[tuple[int, int], int] = {}
@@ -153,7 +156,7 @@ class SlotDecoder:
         mask = mask.masked_fill(blocked, torch.finfo(self.dtype).min).view(rows, 1, 1, cols)
         self.cache.bind(rows, cols, pos)
         out = self.model(input_ids=self._ids[:rows], attention_mask=mask, position_ids=pos,
-                         past_key_values=self.cache, use_cache=True, **self._kwargs)
+                         use_cache=True, **{self._cache_kw: self.cache}, **self._kwargs)
         return out.logits[:, -1, :]
 
     def _capture(self, rows: int, cols: int) -> Callable[[], torch.Tensor]:
@@ -267,9 +270,9 @@ class SlotDecoder:
 
         kv = DynamicCache(config=self.model.config)
         if self._kwargs:  # logits at the rows' last positions only: [n, n, vocab], row i's own at [i, i]
-            out = self.model(input_ids=ids, past_key_values=kv, use_cache=True, logits_to_keep=last)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=last, **{self._cache_kw: kv})
             return out.logits.diagonal(dim1=0, dim2=1).t(), kv
-        out = self.model(input_ids=ids, past_key_values=kv, use_cache=True)
+        out = self.model(input_ids=ids, use_cache=True, **{self._cache_kw: kv})
         return out.logits[torch.arange(ids.shape[0], device=ids.device), last], kv
 
     def _prefill_graph(self, rows: int, length: int):

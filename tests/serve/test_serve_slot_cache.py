@@ -166,3 +166,25 @@ def test_cuda_graph_decode_matches_dynamic_cache(tiny_model_dir, small_columns):
         engine.stop()
     eager = TorchEngine(EngineConfig(**kw, kv_cache="dynamic"))
     assert eager.info()["cuda_graphs"]["active"] is False
+
+
+def test_forward_calls_use_this_transformers_cache_keyword():
+    """transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40); the GPU image's
+    5.17 knows only the old one. The slot decoder must pass whichever this version takes, without warnings."""
+    import warnings
+
+    from maskpro.models import cache_kwarg, tiny_llama
+
+    model = tiny_llama()
+    cfg = model.config
+    cache = slot_cache.SlotCache(cfg.num_hidden_layers, 2, 64, cfg.num_key_value_heads,
+                                 cfg.hidden_size // cfg.num_attention_heads, torch.float32, torch.device("cpu"))
+    dec = slot_cache.SlotDecoder(model, cache, graphs=False)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        logits = dec.prefill([[1, 2, 3]], 0, 0)
+        dec.step(logits.argmax(-1), [3])
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
+    import inspect
+
+    assert cache_kwarg(model) in inspect.signature(model.forward).parameters
