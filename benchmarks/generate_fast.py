@@ -212,7 +212,13 @@ def summary(device: str, vllm: dict, sparse: dict, dense: dict) -> dict:
 
 def write_summary(generate_json: Path) -> Path:
     """(Re)write ``vs-vllm-dense.json`` beside a ``generate --runtime fast`` result that holds vLLM figures."""
+    from maskpro.errors import MaskproError
+
+    if not Path(generate_json).is_file():
+        raise MaskproError(f"{generate_json} does not exist; pass a generate-<tag>.json written with --runtime fast")
     d = json.loads(Path(generate_json).read_text())
+    if "vllm_dense" not in d or "rows" not in d["vllm_dense"]:
+        raise MaskproError(f"{generate_json} holds no vLLM dense figures; run generate --runtime fast with vLLM")
     out = Path(generate_json).parent / "vs-vllm-dense.json"
     from maskpro.checkpoint import save_json
 
@@ -261,4 +267,8 @@ def run(a: argparse.Namespace, out_path: Path) -> Path:
 
 
 if __name__ == "__main__":  # python -m maskpro.bench.generate_fast RESULT.json: rewrite its vs-vllm-dense.json
-    print(f"wrote {write_summary(Path(sys.argv[1]))}")
+    from maskpro.errors import run_cli
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m maskpro.bench.generate_fast generate-<tag>.json")
+    sys.exit(run_cli("generate_fast", lambda: print(f"wrote {write_summary(Path(sys.argv[1]))}"), "nothing written"))

@@ -72,16 +72,19 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dtype", default="float16")
     a = p.parse_args()
+    from maskpro.errors import run_cli
+
     from .configs import resolve
     from .generate_fast import parse_points
 
-    points = parse_points(a.points)
-    with tempfile.TemporaryDirectory() as d:
-        shape = resolve(a.config)
-        shape.llama_config(max_position_embeddings=max(p for _, p in points) + a.new + 64).save_pretrained(d)
-        out = measure(d, points, a.new, a.reps, a.dtype)
-    print(json.dumps(out))
-    return 0
+    def body() -> None:
+        points = parse_points(a.points)
+        with tempfile.TemporaryDirectory() as d:
+            shape = resolve(a.config)
+            shape.llama_config(max_position_embeddings=max(p for _, p in points) + a.new + 64).save_pretrained(d)
+            out = measure(d, points, a.new, a.reps, a.dtype)
+        print(json.dumps(out))
+    return run_cli("vllm_dense", body, "nothing measured")
 
 
 if __name__ == "__main__":

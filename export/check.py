@@ -17,6 +17,7 @@ import torch
 
 from maskpro.artifacts import MASKS, read_metadata
 from maskpro.errors import MaskproError
+from maskpro.integrity import check_folder_files
 from maskpro.nm import NM, Violation, check_weight
 
 # Shape rules of the sparse kernels, (out, K) of a 2:4 fp16/bf16 layer. cuSPARSELt as PyTorch wraps it
@@ -144,8 +145,6 @@ def check_folder(folder: str | os.PathLike, nm: NM | None = None) -> CheckReport
     folder = Path(folder)
     if not folder.is_dir():
         raise MaskproError(f"{folder} is not a folder; pass a model folder written by maskpro prune")
-    from maskpro.integrity import check_folder_files
-
     check_folder_files(folder)  # masks.safetensors too: a truncated one must not pass a check
     files = sorted(f for f in folder.glob("*.safetensors") if f.name != MASKS)
     if not files:

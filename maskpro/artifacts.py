@@ -12,7 +12,6 @@ a half-written model where a good one was.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from . import __version__
 from .checkpoint import atomic_path, load_tensors, save_json, save_tensors
 from .errors import MaskproError
+from .integrity import check_safetensors, read_json
 from .nm import NM, pack_mask, unpack_mask
 
 METADATA = "maskpro.json"
@@ -79,12 +79,7 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     path = Path(folder) / METADATA
     if not path.is_file():
         raise MaskproError(f"{folder} has no {METADATA}; it is not a maskpro output (run maskpro prune first)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        from .integrity import damaged
-
-        raise damaged(path, f"not valid JSON: {str(e).splitlines()[0]}") from None
+    return read_json(path)
 
 
 def load_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -93,8 +88,6 @@ def load_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(folder) / MASKS
     if not path.is_file():
         raise MaskproError(f"{path} is missing; the maskpro output in {folder} is incomplete, prune again")
-    from .integrity import check_safetensors
-
     check_safetensors(path)
     packed, _ = load_tensors(path)
     return {name: unpack_mask(packed[name], tuple(meta["shapes"][name])) for name in meta["targets"]}

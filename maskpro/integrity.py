@@ -46,10 +46,11 @@ def check_safetensors(path: str | os.PathLike) -> None:
         raise damaged(path, f"its header promises {8 + n + end} bytes, the file has {size}: truncated or padded")
 
 
-def check_json(path: str | os.PathLike) -> None:
+def read_json(path: str | os.PathLike):
+    """The parsed JSON file at ``path``, or a one-line :class:`MaskproError` naming it if it does not parse."""
     path = Path(path)
     try:
-        json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise damaged(path, f"not valid JSON: {str(e).splitlines()[0]}") from None
 
@@ -61,4 +62,4 @@ def check_folder_files(folder: str | os.PathLike) -> None:
         check_safetensors(f)
     for name in JSON_FILES:
         if (folder / name).is_file():
-            check_json(folder / name)
+            read_json(folder / name)

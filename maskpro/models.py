@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import MaskproError
+from .integrity import check_folder_files
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,6 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> Path:
     if not (path / "config.json").is_file():
         raise MaskproError(f"model {str(name_or_path)!r} is not a local Hugging Face folder (no config.json); "
                            f"pass a folder saved with save_pretrained, a .gguf file, or '{DEFAULT_MODEL}'")
-    from .integrity import check_folder_files
-
     check_folder_files(path)  # a truncated or overwritten file is one line here, not a loader's traceback
     return path
 

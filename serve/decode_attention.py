@@ -2,7 +2,8 @@
 
 Why a kernel of our own: a decode step's attention reads the whole cache and does almost no arithmetic, so it
 is bound by how many multiprocessors stream it at once. One program per (row, head), as the fused attention
-kernels launch for a query of one token, keeps only 32 of an H100's 132 busy at batch 1. Here the positions
+kernels launch for a query of one token, keeps one program per head busy at batch 1, far fewer than a GPU
+has multiprocessors. Here the positions
 are split into chunks as well (flash-decoding): each program reads one chunk of one row's keys and values for
 all query heads that share them (grouped-query attention), and a small reduction merges the chunks.
 

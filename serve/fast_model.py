@@ -154,6 +154,7 @@ class FastLM(nn.Module):
                     if embed.device.type == "cuda" else 1)
         self.fallbacks: dict[str, str] = {}
         self.layers24: list[dict[str, nn.Module]] = [{} for _ in blocks]
+        self.configured: int | None = None   # the token count the 2:4 specs are set for (configure)
 
     @classmethod
     def from_hf(cls, model: nn.Module, capacity: int, sparse: bool = True) -> FastLM:
@@ -213,23 +214,29 @@ class FastLM(nn.Module):
         prefill, once per shape, and run the fastest; returns {"OUTxIN": timings and choices}."""
         from .sparse_ops import plan
 
-        plans: dict[tuple[int, int], tuple] = {}
+        planned: dict[tuple[int, int], object] = {}   # shape -> the layer that was timed
+        reports = {}
         for layers in self.layers24:
             for layer in layers.values():
                 key = (layer.out_features, layer.in_features)
-                if key not in plans:
-                    plans[key] = (plan(layer, buckets), dict(layer.choice), layer.prefill)
-                _, layer.choice, layer.prefill = plans[key][0], dict(plans[key][1]), plans[key][2]
+                if key not in planned:
+                    reports[f"{key[0]}x{key[1]}"] = plan(layer, buckets)
+                    planned[key] = layer
+                layer.choice, layer.prefill = dict(planned[key].choice), planned[key].prefill
+        self.configured = None   # the plan changed the paths: set every spec again
         self.configure(1)
-        return {f"{n}x{k}": p[0] for (n, k), p in plans.items()}
+        return reports
 
     def configure(self, tokens: int) -> None:
         """Set every 2:4 layer's spec for steps of ``tokens`` tokens (its kernel config for that token count),
         before such a step is traced or captured."""
+        if tokens == self.configured:  # eager steps (CPU) call this per step; the specs are already set
+            return
         for w, layers in zip(self.blocks, self.layers24):
             for key, layer in layers.items():
                 w[key] = ("2:4", layer.tiles, layer.positions, layer.bias, layer.out_features,
                           *layer.args_for(tokens))
+        self.configured = tokens
 
     def decode(self, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, k_cache: list[torch.Tensor],
                v_cache: list[torch.Tensor]) -> torch.Tensor:

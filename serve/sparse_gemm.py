@@ -1,9 +1,9 @@
 """2:4 products of many tokens (prefill, large batches) on the sparse tensor cores, from the decode layout.
 
 Why: a model that keeps only its compressed weights (56% of the dense bytes) must still prefill. Expanding
-each layer to dense for cuBLAS costs a read of the compressed bytes and a write of the dense ones per layer
-(+57% of a 512-token prefill's GEMM time on an H200, ``benchmarks/results``), so this kernel multiplies the
-fragment-ordered weights of :func:`maskpro.serve.sparse_mma.mma_layout` as they are, with ``mma.sp``.
+each layer to dense for cuBLAS costs a read of the compressed bytes and a write of the dense ones per layer,
+so this kernel multiplies the fragment-ordered weights of :func:`maskpro.serve.sparse_mma.mma_layout` as they
+are, with ``mma.sp``. It is not yet faster than expansion (docs/runtime.md); the runtime's plans decide.
 
 Structure (a classic tiled GEMM, weights as the sparse A operand): a block computes ``BM`` output rows x
 ``BN`` tokens; its warps form a WM x WN grid, each owning MT row tiles of 16 and NT token tiles of 8. Per
@@ -65,22 +65,7 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
   return a;
 }
-__device__ __forceinline__ unsigned short to16(float f) {
-  unsigned short h; asm("cvt.rn.__TY__.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
-}
-__device__ __forceinline__ uint4 ldnc(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-__device__ __forceinline__ void mma(float* c, const uint4& a, const unsigned* b, unsigned e) {
-  asm volatile("__MMA__.sync.aligned.m16n8k32.row.col.f32.__TY__.__TY__.f32 "
-               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
-}
-// Stage the inputs of K group kg (128 wide) for this block's BN tokens into xs_stage, each 32-wide tile's
+""" + sparse_mma.DEVICE_HELPERS + r"""// Stage the inputs of K group kg (128 wide) for this block's BN tokens into xs_stage, each 32-wide tile's
 // groups of 4 reordered as the weight layout stores them (actual group 4h + i goes to slot 2i + h).
 __device__ __forceinline__ void stage(unsigned short* xs_stage, const unsigned short* __restrict__ x, int tok0,
                                       int T, int K, int kg) {
@@ -175,14 +160,7 @@ def _kernel(cfg: GemmConfig, dtype: torch.dtype, device: int):
     threads = 32 * cfg.wm * cfg.wn
     src = (_SOURCE.replace("__WM__", str(cfg.wm)).replace("__WN__", str(cfg.wn)).replace("__MT__", str(cfg.mt))
            .replace("__NT__", str(cfg.nt)).replace("__TY__", ty).replace("__MINB__", "2" if threads <= 256 else "1"))
-    last = None
-    for op in ("mma.sp::ordered_metadata", "mma.sp"):
-        try:
-            with torch.cuda.device(device):
-                return sparse_mma.Launcher(sparse_mma.compile_kernel(src.replace("__MMA__", op), "sp24_gemm"), 4, 3)
-        except RuntimeError as e:
-            last = e
-    raise RuntimeError(f"NVRTC could not build the mma.sp GEMM kernel: {last}")
+    return sparse_mma.build_kernel(src, "sp24_gemm", 4, 3, device)
 
 
 def sparse_gemm(x: torch.Tensor, tiles: torch.Tensor, positions: torch.Tensor, out_features: int,

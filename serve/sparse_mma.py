@@ -124,12 +124,9 @@ def mma_unlayout(tiles: torch.Tensor, positions: torch.Tensor, dtype: torch.dtyp
 DEFAULT_CONFIG = MmaConfig(1, 8, unroll=4, min_blocks=2)
 
 
-_SOURCE = r"""
-#define R __ROWS__
-#define W __WARPS__
-#define NT __NTILES__
-#define S __SPLIT__
-// weights are read once: stream them past L1 so the inputs, read by every block, stay there
+# Device functions of both mma.sp kernels (this decode kernel and sparse_gemm's); __TY__ and __MMA__ are
+# filled in per build.
+DEVICE_HELPERS = r"""// weights are read once: stream them past L1 so the inputs, read by every block, stay there
 __device__ __forceinline__ uint4 ldnc(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -145,7 +142,14 @@ __device__ __forceinline__ void mma(float* c, const uint4& a, const unsigned* b,
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
 }
-// grid: (O / (16 R), S). Block (i, s) adds up K groups s, s+S, ... of its R row tiles over its W warps; with
+"""
+
+_SOURCE = r"""
+#define R __ROWS__
+#define W __WARPS__
+#define NT __NTILES__
+#define S __SPLIT__
+""" + DEVICE_HELPERS + r"""// grid: (O / (16 R), S). Block (i, s) adds up K groups s, s+S, ... of its R row tiles over its W warps; with
 // S > 1 each block leaves its partial sums in ws and the last block of a row tile to finish adds them, in
 // order (so the result does not depend on timing), and resets the tile's counter for the next call.
 extern "C" __global__ void __launch_bounds__(32 * W, __MINB__) sp24_mma(
@@ -243,15 +247,21 @@ def _kernel(cfg: MmaConfig, ntiles: int, dtype: torch.dtype, device: int):
     src = (_SOURCE.replace("__ROWS__", str(cfg.rows)).replace("__WARPS__", str(cfg.warps))
            .replace("__NTILES__", str(ntiles)).replace("__TY__", ty).replace("__SPLIT__", str(cfg.split))
            .replace("__UNROLL__", str(cfg.unroll)).replace("__MINB__", str(cfg.min_blocks)))
+    return build_kernel(src, "sp24_mma", 6, 3, device)
+
+
+def build_kernel(src: str, name: str, pointers: int, ints: int, device: int) -> Launcher:
+    """NVRTC-compile kernel ``name`` of ``src`` (its ``__MMA__`` still to fill in) for ``device`` and wrap it
+    in a :class:`Launcher` of ``pointers`` pointer and ``ints`` int arguments."""
     last = None
     # ``mma.sp::ordered_metadata`` is the form newer PTX asks for; plain ``mma.sp`` is its older spelling.
     for op in ("mma.sp::ordered_metadata", "mma.sp"):
         try:
             with torch.cuda.device(device):
-                return Launcher(compile_kernel(src.replace("__MMA__", op), "sp24_mma"), 6, 3)
+                return Launcher(compile_kernel(src.replace("__MMA__", op), name), pointers, ints)
         except RuntimeError as e:
             last = e
-    raise RuntimeError(f"NVRTC could not build the mma.sp kernel: {last}")
+    raise RuntimeError(f"NVRTC could not build the {name} kernel: {last}")
 
 
 class Launcher:

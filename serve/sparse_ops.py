@@ -148,7 +148,7 @@ def plan(layer: Weight24, buckets, iters: int = 15) -> dict:
         x = torch.randn(t, k, dtype=layer.dtype, device=layer.tiles.device)
         options: dict[tuple, float] = {("expand", None): timed(
             lambda: torch.mm(x, expand_into(scratch, layer.tiles, layer.positions).t()))}
-        if prefill:  # at decode sizes the GEMM kernel lost to the decode kernel by 2-5x on every shape timed
+        if prefill:  # at decode sizes its 64-token tiles are mostly padding: the decode kernel's range
             options.update({("gemm", c): us for c, us in gemms(x).items()})
         if t <= sparse_mma.MAX_TOKENS and not prefill:
             options.update({("mma", c): timed(lambda: sparse_mma.sparse_mma_mm(x, layer.tiles, layer.positions, n, c))

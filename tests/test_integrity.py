@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import save_file
 
 from maskpro.errors import MaskproError
-from maskpro.integrity import check_folder_files, check_json, check_safetensors
+from maskpro.integrity import check_folder_files, check_safetensors, read_json
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_a_whole_file_passes_and_every_damage_is_named(tensors):
 def test_json_files_parse_or_are_named(tmp_path):
     good = tmp_path / "config.json"
     good.write_text(json.dumps({"model_type": "llama"}))
-    check_json(good)
+    assert read_json(good) == {"model_type": "llama"}
     good.write_text('{"model_type": "lla')
     with pytest.raises(MaskproError, match="config.json is damaged .not valid JSON"):
         check_folder_files(tmp_path)

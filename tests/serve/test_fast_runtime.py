@@ -155,17 +155,21 @@ def test_expand_and_attention_kernels_in_the_interpreter():
 
 
 # ------------------------------------------------------------------------------------------------- GPU
-@pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 5, 16, 64, 100, 300])
-def test_gpu_op_matches_dense_at_every_token_count(tokens):
+def _layer_input_reference(n: int, k: int, tokens: int):
+    """A random fp16 2:4 layer (compressed), an input of ``tokens`` tokens and the dense fp32 product."""
     from maskpro.nm import NM, topn_mask
     from maskpro.serve.sparse_ops import Weight24
 
-    w = torch.randn(512, 1024, device="cuda")
+    w = torch.randn(n, k, device="cuda")
     w = (w * topn_mask(w.abs(), NM(2, 4))).half()
-    layer = Weight24(w)
-    x = torch.randn(tokens, 1024, device="cuda", dtype=torch.half)
-    ref = x.float() @ w.float().T
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.half)
+    return Weight24(w), x, x.float() @ w.float().T
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 5, 16, 64, 100, 300])
+def test_gpu_op_matches_dense_at_every_token_count(tokens):
+    layer, x, ref = _layer_input_reference(512, 1024, tokens)
     err = (layer(x).float() - ref).abs().max() / ref.abs().max()
     assert err < 2e-3, f"{tokens} tokens: relative error {err:.2e}"
 
@@ -173,15 +177,9 @@ def test_gpu_op_matches_dense_at_every_token_count(tokens):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 16, 64, 200, 512])
 def test_gpu_gemm_kernel_matches_dense_in_every_config(tokens):
-    from maskpro.nm import NM, topn_mask
     from maskpro.serve import sparse_gemm
-    from maskpro.serve.sparse_ops import Weight24
 
-    w = torch.randn(256, 512, device="cuda")
-    w = (w * topn_mask(w.abs(), NM(2, 4))).half()
-    layer = Weight24(w)
-    x = torch.randn(tokens, 512, device="cuda", dtype=torch.half)
-    ref = x.float() @ w.float().T
+    layer, x, ref = _layer_input_reference(256, 512, tokens)
     for cfg in sparse_gemm.GEMM_CANDIDATES:
         y = sparse_gemm.sparse_gemm(x, layer.tiles, layer.positions, 256, cfg)
         err = (y.float() - ref).abs().max() / ref.abs().max()
