@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 __all__ = ["EngineConfig", "SamplingParams", "TorchEngine", "RequestHandle", "Backend", "Delta", "Finished",
            "Failed", "Completion", "ServeError", "InvalidRequestError", "PromptTooLongError",
            "MaxTokensError", "ModelNotFoundError", "QueueFullError", "RequestTimeoutError", "UnavailableError",
+           "OutOfMemoryError",
            "ClientCancelledError",
            "IncrementalDetokenizer", "StopMatcher"]
 
@@ -106,6 +107,12 @@ class RequestTimeoutError(ServeError):
 
 class UnavailableError(ServeError):
     status, type, code = 503, "service_unavailable_error", "unavailable"
+
+
+class OutOfMemoryError(UnavailableError):
+    """This request did not fit in the device's memory; the others go on."""
+
+    code = "out_of_memory"
 
 
 class ClientCancelledError(ServeError):
@@ -452,6 +459,16 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
     return _Batch(a.reqs + b.reqs, a.cache, mask, torch.cat([a.next_tokens, b.next_tokens]))
 
 
+MAX_FAILED_STEPS = 3  # failed steps in a row after which the engine counts as broken
+
+
+def _sticky(e: BaseException) -> bool:
+    """Errors after which the device cannot be used by this process again (CUDA's sticky errors)."""
+    text = str(e)
+    return type(e).__name__ == "AcceleratorError" or "illegal memory access" in text or \
+        "device-side assert" in text or "CUDA error: unspecified launch failure" in text
+
+
 def _select(batch: _Batch, keep: list[int]) -> _Batch | None:
     """Keep some rows; drop cache columns that are padding for all of them."""
     if not keep:
@@ -557,6 +574,7 @@ class TorchEngine:
         self._abort_at: float | None = None
         self._running = 0
         self._steps = 0
+        self._dead: str | None = None  # why the worker stopped for good (a sticky device error)
         self._outcomes: dict[str, int] = {}   # finish reasons and error codes -> count
         self._count_lock = threading.Lock()
 
@@ -670,7 +688,7 @@ class TorchEngine:
 
     def stats(self) -> dict:
         return {"queue_depth": len(self._waiting), "running": self._running, "steps": self._steps,
-                "outcomes": self._outcomes.copy()}
+                "outcomes": self._outcomes.copy(), **({"stopped": self._dead} if self._dead else {})}
 
     def is_ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closing
@@ -763,6 +781,8 @@ class TorchEngine:
         req = _Request(list(prompt_ids), params, max_tokens, _Sink(loop),
                        time.monotonic() + self.config.request_timeout_s)
         with self._lock:
+            if self._dead is not None:
+                raise UnavailableError(f"the engine stopped ({self._dead}); the server must be restarted")
             if self._closing or self._thread is None or not self._thread.is_alive():
                 raise UnavailableError("the server is shutting down or not started")
             if len(self._waiting) >= self.config.max_queue:
@@ -780,6 +800,7 @@ class TorchEngine:
 
     # --------------------------------------------------------------------------------------- worker
     def _run(self) -> None:
+        failures = 0
         try:
             with torch.inference_mode():
                 while True:
@@ -791,12 +812,32 @@ class TorchEngine:
                     self._abort_if_due()
                     try:
                         self._step()
-                    except Exception as e:  # a bug or OOM: fail what was in flight, keep serving
+                        failures = 0
+                    except Exception as e:  # a bug: fail what was in flight, keep serving unless it sticks
                         log.exception("engine step failed")
-                        self._fail_all(ServeError(f"generation failed: {type(e).__name__}: "
-                                                  f"{str(e).splitlines()[0] if str(e) else ''}"))
+                        failures += 1
+                        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        self._fail_all(ServeError(f"generation failed: {reason}"))
+                        if _sticky(e) or failures >= MAX_FAILED_STEPS:
+                            self._dead = reason
+                            break
+        except BaseException as e:  # the worker itself broke: nothing may wait for it
+            self._dead = self._dead or f"{type(e).__name__}: {e}"
+            raise
         finally:
             self._running = 0
+            if self._dead is not None:
+                self._die()
+
+    def _die(self) -> None:
+        """The worker stopped for good: /health turns 503 and every request, queued or new, gets a 503."""
+        log.error("engine worker stopped: %s; /health reports 503, restart the server", self._dead)
+        error = UnavailableError(f"the engine stopped ({self._dead}); the server must be restarted")
+        self._fail_all(error)
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for req in waiting:
+            self._end(req, error)
 
     def _end(self, req: _Request, error: ServeError) -> None:
         if req.fail(error):
@@ -846,15 +887,58 @@ class TorchEngine:
         admissions never stall the rows already running."""
         new = self._admit()
         if new:
-            self._prefilling = new
-            group = self._prefill(new) if self._decoder is None else self._prefill_slots(new)
-            if group is not None:
-                self._batch = group if self._batch is None else _merge(self._batch, group)
-            self._prefilling = []
-        if self._batch is not None:
-            self._decode()
+            self._join(new)
+        while self._batch is not None:
+            try:
+                self._decode()
+                break
+            except torch.OutOfMemoryError:
+                self._shed_largest()
         self._running = self._batch.size if self._batch is not None else 0
         self._steps += 1
+
+    def _join(self, new: list[_Request]) -> None:
+        """Prefill newcomers and add them to the batch. Out of memory, a group is retried one request at a
+        time, so only a request that does not fit alone fails; the running rows are never touched."""
+        self._prefilling = new
+        try:
+            group = self._prefill(new) if self._decoder is None else self._prefill_slots(new)
+        except torch.OutOfMemoryError:
+            self._prefilling = []
+            self._free_memory()
+            if len(new) > 1:
+                for r in new:
+                    self._join([r])
+                return
+            self._end(new[0], OutOfMemoryError(f"out of device memory while reading this {len(new[0].prompt_ids)}"
+                                               "-token prompt beside the requests running now; retry later or "
+                                               "send a shorter prompt"))
+            return
+        self._prefilling = []  # (left set on other errors: the worker fails them)
+        if group is not None:
+            self._batch = group if self._batch is None else _merge(self._batch, group)
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _shed_largest(self) -> None:
+        """A decode step ran out of memory: fail the row holding the longest context, keep the others (their
+        cache is cut back to before the step, which may have written some layers), and let the step retry."""
+        batch = self._batch
+        if batch.mask is not None:
+            for layer in _layers(batch.cache):
+                layer.keys = layer.keys[:, :, :batch.mask.shape[1]]
+                layer.values = layer.values[:, :, :batch.mask.shape[1]]
+        self._free_memory()
+        sizes = [len(r.prompt_ids) + len(r.generated) for r in batch.reqs]
+        victim = max(range(batch.size), key=sizes.__getitem__)
+        self._end(batch.reqs[victim], OutOfMemoryError(
+            f"out of device memory at {sizes[victim]} tokens of context with {batch.size - 1} other requests "
+            "running; retry later, or ask for fewer tokens"))
+        log.warning("decode step out of memory: failed the request with %d tokens of context, %d others go on",
+                    sizes[victim], batch.size - 1)
+        self._batch = _select(batch, [i for i in range(batch.size) if i != victim])
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}

@@ -352,8 +352,10 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         if not backend.is_ready():
-            body = _error_body("the server is not ready or is shutting down", "service_unavailable_error", None,
-                               "unavailable")
+            stopped = backend.stats().get("stopped")
+            why = f"the engine stopped ({stopped}); restart the server" if stopped else \
+                "the server is not ready or is shutting down"
+            body = _error_body(why, "service_unavailable_error", None, "unavailable")
             return JSONResponse({"status": "unavailable", **body}, status_code=503)
         return {"status": "ok", **backend.info(), **backend.stats()}
 
