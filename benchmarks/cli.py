@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from maskpro.cliparse import Parser
 from maskpro.errors import run_cli
 
 from . import env
@@ -26,6 +27,10 @@ SUBCOMMANDS = {
     "learn-distributed": ("learn_distributed", "data-parallel mask learning: steps/s on 1 vs N processes "
                                                "(run under torchrun), peak memory per rank, mask digests"),
     "quality": ("quality", "perplexity and zero-shot accuracy of every pruning method on a model"),
+    "robustness": ("robustness", "bad files, options and requests against every command: one-line errors, "
+                                 "no tracebacks, no silent successes"),
+    "cpu-quick": ("cpu_quick", "the CPU recipe (maskpro prune --preset cpu-quick) against dense and SparseGPT, "
+                               "with wall times"),
     "report": ("report", "Markdown summary (SUMMARY.md) and PNG plots of all results JSON"),
 }
 
@@ -54,21 +59,12 @@ Results go to benchmarks/results in a source checkout, else ./maskpro-bench-resu
 Run `maskpro-bench SUBCOMMAND --help` for the options of each."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """One line and exit code 2 on bad arguments, naming where the help is (argparse prints its usage too)."""
-
-    def error(self, message: str):
-        self.exit(2, f"maskpro-bench: error: {message} (see `{self.prog} --help`)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="maskpro-bench", description=_DESCRIPTION, epilog=_EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True, parser_class=_Parser)
+    p = Parser(prog="maskpro-bench", description=_DESCRIPTION, epilog=_EPILOG)
+    sub = p.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     for name, (module, help_) in SUBCOMMANDS.items():
         mod = importlib.import_module(f".{module}", __package__)
-        sp = sub.add_parser(name, help=help_, description=mod.__doc__.replace("``", ""),
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp = sub.add_parser(name, help=help_, description=mod.__doc__.replace("``", ""))
         mod.add_arguments(sp)
         sp.set_defaults(run=mod.run)
     return p

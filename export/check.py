@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from maskpro.artifacts import MASKS, read_metadata
-from maskpro.errors import MaskproError
-from maskpro.integrity import check_folder_files
+from maskpro.errors import MaskproError, PatternError
+from maskpro.integrity import check_folder_files, verify_recorded
 from maskpro.nm import NM, Violation, check_weight
 
 # Shape rules of the sparse kernels, (out, K) of a 2:4 fp16/bf16 layer. cuSPARSELt as PyTorch wraps it
@@ -62,12 +62,12 @@ class CheckReport:
     def raise_if_bad(self) -> None:
         """One-line refusal naming the first failing layer and group (what every export calls first)."""
         if not self.targeted:
-            raise MaskproError(f"{self.source}: no {self.nm} sparse layers found; export a model saved by "
+            raise PatternError(f"{self.source}: no {self.nm} sparse layers found; export a model saved by "
                                "maskpro prune, or pass --nm to check plain weights")
         bad = self.first_violation
         if bad is not None:
             n_bad = sum(len(l.violations) for l in self.targeted)
-            raise MaskproError(f"{self.source}: {bad} (more than N={self.nm.n} of M={self.nm.m}); {n_bad} bad "
+            raise PatternError(f"{self.source}: {bad} (more than N={self.nm.n} of M={self.nm.m}); {n_bad} bad "
                                "groups in all - the pattern is broken, re-run maskpro prune on the source model")
 
     def table(self) -> str:
@@ -264,6 +264,7 @@ def check_path(path: str | os.PathLike, nm: NM | None = None) -> CheckReport:
     if onnx_file.suffix == ".onnx":
         targets = None
         meta_dir = onnx_file.parent
+        verify_recorded(meta_dir, "maskpro.json")  # an export's files are whole and unchanged
         if (meta_dir / "maskpro.json").is_file():
             meta = read_metadata(meta_dir)
             nm, targets = nm or NM(meta["n"], meta["m"]), set(meta["targets"])

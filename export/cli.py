@@ -1,7 +1,7 @@
 """``maskpro-check`` and ``maskpro-export``: thin command lines over :mod:`maskpro.export`.
 
 Every export checks the N:M pattern of the source first and refuses a broken one, naming the layer and
-group. Errors are one line on stderr with exit code 2 (bad input, missing engine) or 1 (broken pattern).
+group. Exit codes follow :mod:`maskpro.errors`: 1 for a broken pattern, 2 for bad input or a missing engine.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-from maskpro.errors import MaskproError
+from maskpro.cliparse import Parser
+from maskpro.errors import run_cli
 from maskpro.nm import NM
 
 ENGINES = ("onnx", "trt", "vllm", "sparse24", "trtllm")
@@ -32,32 +33,29 @@ examples:
 """
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
 def _nm(text: str | None) -> NM | None:
     return NM.parse(text) if text else None
 
 
 def check_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="maskpro-check",
         description="Verify strict N:M sparsity along the GEMM reduction dimension K of every targeted weight, "
                     "in a model folder saved by maskpro prune or in an ONNX file. Prints a per-layer table "
-                    "(and which layers each sparse engine would keep dense), then a summary.")
+                    "(and which layers each sparse engine would keep dense), then a summary. Exit code 0: the "
+                    "pattern holds; 1: it is broken; 2: bad input (a missing or damaged file).")
     p.add_argument("path", help="model folder, ONNX export folder, or .onnx file")
     p.add_argument("--nm", default=None, help="pattern to check when the folder has no maskpro.json, e.g. 2:4")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     p.add_argument("--quiet", action="store_true", help="summary only, no per-layer table")
     a = p.parse_args(argv)
+    return run_cli("maskpro-check", lambda: _check(a), "nothing was written")
+
+
+def _check(a: argparse.Namespace) -> None:
     from .check import check_path
 
-    try:
-        report = check_path(a.path, _nm(a.nm))
-    except MaskproError as e:
-        return _fail(str(e))
+    report = check_path(a.path, _nm(a.nm))
     if not a.quiet:
         print(report.table())
     print(report.summary())
@@ -65,12 +63,8 @@ def check_main(argv: list[str] | None = None) -> int:
         from maskpro.checkpoint import save_json
 
         save_json(report.to_json(), a.json)
-    try:
-        report.raise_if_bad()
-    except MaskproError as e:
-        return _fail(str(e), 1)
+    report.raise_if_bad()
     print(f"OK: strict {report.nm} on all {len(report.targeted)} targeted layers")
-    return 0
 
 
 def _triple(text: str) -> tuple[int, int, int]:
@@ -82,8 +76,8 @@ def _triple(text: str) -> tuple[int, int, int]:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="maskpro-export", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG_EXPORT,
+    p = Parser(
+        prog="maskpro-export", epilog=_EPILOG_EXPORT,
         description="Export a model saved by `maskpro prune` for an inference engine. The N:M pattern is "
                     "checked first; a broken model is refused with the layer and group named.")
     p.add_argument("src", help="model folder written by maskpro prune")
@@ -114,12 +108,12 @@ def export_main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    try:
-        report = run_export(a)
-    except MaskproError as e:
-        return _fail(str(e), 1 if "pattern is broken" in str(e) else 2)
+    return run_cli("maskpro-export", lambda: _export(a), f"nothing was written to {a.out}")
+
+
+def _export(a: argparse.Namespace) -> None:
+    report = run_export(a)
     print(json.dumps(report, indent=2, default=str)[:4000] if not a.quiet else f"exported to {a.out}")
-    return 0
 
 
 def run_export(a: argparse.Namespace) -> dict:
@@ -129,6 +123,11 @@ def run_export(a: argparse.Namespace) -> dict:
     src, out = Path(a.src), Path(a.out)
     check = check_folder(src)
     check.raise_if_bad()
+    if a.engine == "trt" and not (out / "onnx" / "model.onnx").is_file():  # fail before a long ONNX export
+        from .tensorrt import require_engine
+
+        require_engine(f"nothing was written; `maskpro-export {src} --engine onnx --dtype fp16` exports the "
+                       "ONNX for a machine that has TensorRT")
     logging.getLogger(__name__).info(check.summary())
     if a.engine == "onnx":
         from .onnx import OnnxExportConfig, export_onnx
@@ -137,14 +136,14 @@ def run_export(a: argparse.Namespace) -> dict:
                                                       parity=not a.no_parity, data_root=a.data_dir), check)
     if a.engine == "trt":
         from .onnx import ONNX_FILE, OnnxExportConfig, export_onnx
-        from .tensorrt import TrtBuildConfig, _require_engine, build_dense_and_sparse, build_engine
+        from .tensorrt import TrtBuildConfig, build_dense_and_sparse, build_engine, require_engine
 
         onnx_dir = out / "onnx"
         dtype = a.dtype or "fp16"  # TensorRT 10+/11 networks are strongly typed: the engine runs the ONNX's dtype
         if not (onnx_dir / ONNX_FILE).is_file():
             export_onnx(src, onnx_dir, OnnxExportConfig(dtype=dtype, opset=a.opset, parity=not a.no_parity,
                                                         data_root=a.data_dir), check)
-        _require_engine(onnx_dir / ONNX_FILE)  # one line naming what is missing; the ONNX stays
+        require_engine(f"the ONNX file {onnx_dir / ONNX_FILE} is kept")
         cfg = TrtBuildConfig(precision=dtype if dtype != "fp32" else "fp16", batch=a.batch, sequence=a.seq,
                              past=a.past, timing_cache=Path(a.timing_cache) if a.timing_cache else None)
         if a.dense_too:

@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from maskpro.artifacts import read_metadata, seal
 from maskpro.checkpoint import atomic_path, save_json
 from maskpro.errors import MaskproError
 from maskpro.models import cache_kwarg, parse_dtype
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 REPORT_FILE = "export-report.json"
-_COPIED = ("config.json", "generation_config.json", "maskpro.json", "masks.safetensors", "tokenizer.json",
+_COPIED = ("config.json", "generation_config.json", "masks.safetensors", "tokenizer.json",
            "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
@@ -353,6 +354,7 @@ def export_onnx(src: str | os.PathLike, out: str | os.PathLike, cfg: OnnxExportC
         report["peak_rss_bytes"] = _peak_rss_bytes()
         report["total_s"] = round(time.perf_counter() - t_start, 2)
         save_json(report, tmp / REPORT_FILE)
+        seal(tmp, {**read_metadata(src), "export": {"format": "onnx", "dtype": cfg.dtype, "opset": cfg.opset}})
     log.info("exported %s -> %s in %.1f s", src, out / ONNX_FILE, report["total_s"])
     return report
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from maskpro.checkpoint import atomic_path, save_json
+from maskpro.integrity import sha256
 from maskpro.errors import MaskproError
 
 log = logging.getLogger(__name__)
@@ -503,15 +504,15 @@ def _import_tensorrt():
         return None
 
 
-def _require_engine(onnx_path: Path):
-    """(tensorrt module, gpu) or the one-line error naming everything missing."""
+def require_engine(kept: str):
+    """(tensorrt module, gpu) or the one-line error naming everything missing; ``kept`` says what survives."""
     trt, gpu = _import_tensorrt(), _gpu()
     missing = [what for what, ok in (("the tensorrt Python package is not installed", trt is not None),
                                      ("no CUDA GPU is visible", gpu is not None)) if not ok]
     if missing:
         raise MaskproError(f"cannot build a TensorRT engine: {' and '.join(missing)}; on a Linux machine with an "
                            f"NVIDIA GPU (sm80+ for 2:4 sparse tensor cores) run `pip install {TRT_PIN}` and build "
-                           f"again; the ONNX file {onnx_path} is kept")
+                           f"again; {kept}")
     return trt, gpu
 
 
@@ -567,7 +568,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
         raise MaskproError(f"{onnx_path} does not exist; export it first with maskpro-export --engine onnx")
-    trt, (gpu_name, capability) = _require_engine(onnx_path)
+    trt, (gpu_name, capability) = require_engine(f"the ONNX file {onnx_path} is kept")
     trt_major = int(trt.__version__.split(".")[0])
     graph = _load_onnx(onnx_path)  # the graph only; TensorRT's parser reads the weights itself
     shapes = profile_shapes(graph, cfg)
@@ -642,7 +643,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
         "typing": "strong" if plan.strongly_typed or trt_major >= 11 else "weak",
         "builder_flags": list(plan.builder_flags) + (["SPARSE_WEIGHTS"] if cfg.sparse else []),
         "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in shapes.items()},
-        "build_s": round(build_s, 2), "engine_bytes": engine_path.stat().st_size,
+        "build_s": round(build_s, 2), "engine_bytes": engine_path.stat().st_size, "engine_sha256": sha256(engine_path),
         "sparsity": {"log": sparsity.to_dict()}, "notes": notes, "config": cfg.to_json(),
         "build_log": str(log_path),
     }
@@ -677,7 +678,7 @@ def build_dense_and_sparse(onnx_path: str | os.PathLike, out_dir: str | os.PathL
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise MaskproError(f"{onnx_path} does not exist; export it first with maskpro-export --engine onnx")
-    _require_engine(onnx_path)  # fail before creating anything
+    require_engine(f"the ONNX file {onnx_path} is kept")  # fail before creating anything
     shared = dict(cfg.to_json(), timing_cache=cfg.timing_cache or out_dir / "timing.cache")
     reports = {}
     for name, sparse in (("dense", False), ("sparse", True)):

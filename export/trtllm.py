@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from maskpro.checkpoint import atomic_path, save_json
+from maskpro.integrity import digest_files
 from maskpro.errors import MaskproError
 from maskpro.nm import NM, check_weight
 
@@ -232,6 +233,7 @@ def build_trtllm_engine(ckpt_dir: str | os.PathLike, engine_dir: str | os.PathLi
                   "sparse": sparse, "tp": tp,
                   "build_s": round(time.perf_counter() - t0, 2),
                   "engine_bytes": sum(f.stat().st_size for f in tmp.glob("*.engine")),
+                  "files": digest_files(tmp, skip=("build-report.json",)),
                   "sparsity": sparsity.to_dict()}
         if sparse and not sparsity.logged:
             report["note"] = "trtllm-build logged no (Sparsity) lines; rebuild with log_level info to see them"

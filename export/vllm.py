@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from maskpro.artifacts import MASKS, METADATA, check_saved, read_metadata
+from maskpro.artifacts import MASKS, METADATA, check_saved, read_metadata, seal
 from maskpro.checkpoint import atomic_path, load_tensors, save_json
 from maskpro.errors import MaskproError
 from maskpro.models import parse_dtype
@@ -90,7 +90,7 @@ def write_vllm_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dty
         config[CONFIG_KEY] = _config_block(meta, "dense")
         save_json(config, tmp / "config.json")
         export = {"format": "vllm-dense", "dtype": _dtype_name(cast) if cast else "source"}
-        save_json({**meta, "export": export}, tmp / METADATA)
+        seal(tmp, {**meta, "export": export})
         check_saved(tmp)  # the written weights still hold the pattern (a cast never adds non-zeros)
     return out
 
@@ -138,7 +138,7 @@ def write_sparse24_bitmask(src: str | os.PathLike, out: str | os.PathLike, *,
         }
         config[CONFIG_KEY] = _config_block(meta, SPARSE24)
         save_json(config, tmp / "config.json")
-        save_json({**meta, "export": {"format": SPARSE24}}, tmp / METADATA)
+        seal(tmp, {**meta, "export": {"format": SPARSE24}})
     return out
 
 
@@ -246,7 +246,7 @@ def _check_source(src: Path, out: Path) -> tuple[dict, NM]:
     try:
         nm, _ = check_saved(src)
     except MaskproError as e:
-        raise MaskproError(f"not exporting {src}: {e}") from None
+        raise type(e)(f"not exporting {src}: {e}") from None
     return meta, nm
 
 

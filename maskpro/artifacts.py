@@ -4,6 +4,7 @@ Layout of ``out_dir``:
   config.json, model.safetensors, tokenizer files   masked weights; ``AutoModelForCausalLM.from_pretrained``
   maskpro.json                                      N, M, method, target layers, data, steps, source model
   masks.safetensors                                 one packed bitmask (uint8) per target layer
+  maskpro.json's "files"                            size and sha256 of every other file, checked on read
 
 The folder is built in a temporary directory and renamed into place, so an interrupted save never leaves
 a half-written model where a good one was.
@@ -20,7 +21,7 @@ import torch
 from . import __version__
 from .checkpoint import atomic_path, load_tensors, save_json, save_tensors
 from .errors import MaskproError
-from .integrity import check_safetensors, read_json
+from .integrity import DIGEST_KEY, check_safetensors, digest_files, read_json, verify_files
 from .nm import NM, pack_mask, unpack_mask
 
 METADATA = "maskpro.json"
@@ -52,9 +53,15 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, masks: dict[str, t
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_tensors(packed, tmp / MASKS, {"shapes": meta["shapes"]})
-        save_json(meta, tmp / METADATA)
         _write_weight_index(tmp)
+        seal(tmp, meta)
     return out_dir
+
+
+def seal(folder: Path, meta: dict) -> None:
+    """Write ``meta`` as the folder's maskpro.json with the size and sha256 of every other file: the last
+    write of any folder maskpro makes, so the record covers everything in it."""
+    save_json({**meta, DIGEST_KEY: digest_files(folder, skip=(METADATA,))}, folder / METADATA)
 
 
 def _write_weight_index(folder: Path) -> None:
@@ -88,6 +95,8 @@ def load_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(folder) / MASKS
     if not path.is_file():
         raise MaskproError(f"{path} is missing; the maskpro output in {folder} is incomplete, prune again")
+    if MASKS in meta.get(DIGEST_KEY, {}):
+        verify_files(folder, {MASKS: meta[DIGEST_KEY][MASKS]}, METADATA)
     check_safetensors(path)
     packed, _ = load_tensors(path)
     return {name: unpack_mask(packed[name], tuple(meta["shapes"][name])) for name in meta["targets"]}

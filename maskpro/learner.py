@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from . import distributed, policy
 from . import nm as nmlib
-from .checkpoint import load_tensors, save_tensors
+from .checkpoint import load_tensors, read_tensor_meta, save_tensors
+from .integrity import check_safetensors
 from .errors import MaskproError
 from .nm import NM
 
@@ -511,6 +512,22 @@ class MaskProLearner:
                          self.workdir / CHECKPOINT, self._meta())
         distributed.barrier()
 
+    @staticmethod
+    def check_resumable(workdir, cfg: LearnerConfig, names: list[str]) -> None:
+        """Refuse, before any prior is computed, a checkpoint that another configuration wrote."""
+        path = Path(workdir) / CHECKPOINT if workdir else None
+        if path is None or not path.is_file():
+            return
+        check_safetensors(path)
+        meta = read_tensor_meta(path)
+        for key, mine in (("config", cfg.fingerprint()), ("layers", names)):
+            if meta.get(key) != mine:
+                raise MaskproError(f"the checkpoint in {workdir} was made with different {key} "
+                                   f"({meta.get(key)} vs {mine}); use a new --workdir or pass --restart")
+        if int(meta.get("step", 0)) > cfg.steps:
+            raise MaskproError(f"the checkpoint in {workdir} is at step {meta['step']}, past --steps {cfg.steps}; "
+                               "raise --steps or use a new --workdir")
+
     def try_resume(self) -> bool:
         """Continue from the work directory's checkpoint if it was made by the same settings."""
         if self.workdir is None or not (self.workdir / CHECKPOINT).is_file():
@@ -584,13 +601,15 @@ class MaskProLearner:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0, s0 = time.perf_counter(), self.step
-        first = self.step + 1
+        shown, first = t0, self.step + 1
         while self.step < end:
             self.train_step()
             if self.step == first and end > first:  # exclude the first step (graph capture, compilation)
                 sync()
                 t0, s0 = time.perf_counter(), self.step
-            if self.step % cfg.log_every == 0 or self.step == end:
+            # every log_every steps on a GPU (reading the loss syncs), and at least every 2 s where steps are slow
+            if self.step % cfg.log_every == 0 or self.step == end or time.perf_counter() - shown > 2.0:
+                shown = time.perf_counter()
                 bar.update(self.step - bar.n)
                 bar.set_postfix(residual=f"{float(self.delta):+.4f}", loss=f"{float(self.losses[self.step - 1]):.3f}")
             if self.step % cfg.checkpoint_every == 0 and self.step < end:

@@ -28,12 +28,14 @@ import torch
 
 from . import data, distributed
 from .block_recon import BlockReconConfig, reconstruct_blocks
-from .checkpoint import load_tensors, save_tensors
+from .checkpoint import load_tensors, read_tensor_meta, save_tensors
 from .errors import MaskproError
+from .integrity import check_safetensors
 from .learner import LearnerConfig, MaskProLearner
 from .models import find_linears
-from .nm import NM
-from .oneshot import METHODS, calibrated_prune, prune
+from .nm import NM, pack_mask, unpack_mask
+from .oneshot import METHODS, PruneResult, calibrated_prune, prune
+from .phases import Phases
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +133,41 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
     dense = {n: m.weight.data.to("cpu", copy=True) if lean else m.weight.data.clone() for n, m in layers.items()} \
         if job.method == "maskpro" or refit else {}
     one_shot = job.init if job.method == "maskpro" else job.method
-    windows = calib() if refit or one_shot != "magnitude" else None
+    phase = Phases(phase_names(job))
+    windows = None
+    if refit or one_shot != "magnitude":
+        with phase("calibration windows"):
+            windows = calib()
     if job.method != "maskpro":
-        masks = prune(model, job.method, nm, windows, job.targets, batch=job.calib.batch, progress=progress).masks
+        with phase(f"one-shot {job.method}"):
+            masks = prune(model, job.method, nm, windows, job.targets, batch=job.calib.batch,
+                          progress=progress).masks
     else:
-        masks = _learn(model, tokenizer, job, nm, layers, dense, windows, workdir, resume, progress, info, t0)
+        masks = _learn(model, tokenizer, job, nm, layers, dense, windows, workdir, resume, progress, info, t0,
+                       phase)
     if refit:
         t1 = time.perf_counter()
-        info["reconstructed"] = reconstruct(model, job, nm, dense, masks, windows, progress)
+        with phase(f"re-fit of the kept weights ({job.reconstruct})"):
+            info["reconstructed"] = reconstruct(model, job, nm, dense, masks, windows, progress)
         info["reconstruct_s"] = time.perf_counter() - t1
     info["prune_s"] = time.perf_counter() - t0
     return PruneOutcome(masks, info)
+
+
+def phase_names(job: PruneJob) -> list[str]:
+    """The phases ``run_prune`` goes through for ``job``, in order."""
+    one_shot = job.init if job.method == "maskpro" else job.method
+    names = ["calibration windows"] if job.reconstruct != "none" or one_shot != "magnitude" else []
+    if job.method != "maskpro":
+        names.append(f"one-shot {job.method}")
+    else:
+        names.append(f"prior mask ({job.init})")
+        if job.learn_on == "sparsegpt-block":
+            names.append("block re-fit before learning")
+        names.append(f"MaskPro learner ({job.learner.steps} steps)")
+    if job.reconstruct != "none":
+        names.append(f"re-fit of the kept weights ({job.reconstruct})")
+    return names
 
 
 def reconstruct(model, job: PruneJob, nm: NM, dense: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
@@ -160,20 +186,23 @@ def reconstruct(model, job: PruneJob, nm: NM, dense: dict[str, torch.Tensor], ma
 
 def _learn(model, tokenizer, job: PruneJob, nm: NM, layers: dict, dense: dict[str, torch.Tensor],
            windows: torch.Tensor | None, workdir, resume: bool, progress: bool, info: dict,
-           t0: float) -> dict[str, torch.Tensor]:
+           t0: float, phase: Phases) -> dict[str, torch.Tensor]:
     """MaskPro: a prior from a one-shot method, then the learner; the model ends with the learned masks."""
     lean = job.learner.memory == "lean"
     device = next(model.parameters()).device
-    prior = prune(model, job.init, nm, windows, job.targets, batch=job.calib.batch,
-                  keep_decided=job.learn_on != "dense", progress=progress)
+    if resume:  # a checkpoint of other settings is refused now, not after the prior was computed again
+        MaskProLearner.check_resumable(workdir, job.learner, list(layers))
+    with phase(f"prior mask ({job.init})"):
+        prior = _prior(model, job, nm, layers, windows, workdir, resume, progress)
     info["init"] = job.init
     info["init_s"] = time.perf_counter() - t0
     source = dense
     if job.learn_on != "dense":
         source = {n: prior.decided[n] if lean else prior.decided[n].to(device) for n in layers}
     if job.learn_on == "sparsegpt-block":
-        source = _refitted_source(model, job, layers, dense, prior.masks, source, windows, workdir, resume,
-                                  progress, info)
+        with phase("block re-fit before learning"):
+            source = _refitted_source(model, job, layers, dense, prior.masks, source, windows, workdir, resume,
+                                      progress, info)
     for n, m in layers.items():  # the modules hold the dense model (the kd teacher); the learner masks `source`
         m.weight.data = dense[n].to(m.weight.device)
     batches = data.learning_batches(tokenizer, job.n_docs, job.seq_len, job.data_root, job.calib_file,
@@ -182,7 +211,8 @@ def _learn(model, tokenizer, job: PruneJob, nm: NM, layers: dict, dense: dict[st
                              "windows_per_doc": job.windows_per_doc, "rows": int(batches.shape[0])}
     learner = MaskProLearner(model, layers, prior.masks, batches, job.learner, workdir, weights=source,
                              progress=progress)
-    result = learner.run(resume=resume)
+    with phase(f"MaskPro learner ({job.learner.steps} steps)"):
+        result = learner.run(resume=resume)
     learner.finish(result.masks)
     info["learner"] = {**job.learner.fingerprint(), "steps": result.steps, "wall_s": result.wall_s,
                        "ms_per_step": result.ms_per_step, "learn_on": job.learn_on, "memory": job.learner.memory,
@@ -194,7 +224,57 @@ def _learn(model, tokenizer, job: PruneJob, nm: NM, layers: dict, dense: dict[st
     return result.masks
 
 
+PRIOR = "prior.safetensors"
 REFIT_SOURCE = "refit-source.safetensors"
+
+
+def _prior_key(job: PruneJob, nm: NM) -> dict:
+    """What the one-shot prior depends on: a cached prior is used only when all of it matches."""
+    return {"init": job.init, "nm": str(nm), "calib": asdict(job.calib), "targets": job.targets,
+            "calib_file": job.calib_file, "decided": job.learn_on != "dense"}
+
+
+def _cached(path: Path | None, key: dict, resume: bool) -> tuple[dict, dict] | None:
+    """(tensors, meta) of a work-directory cache written for ``key``, or None (absent, stale or damaged)."""
+    if path is None or not resume or not path.is_file():
+        return None
+    try:
+        check_safetensors(path)
+        if read_tensor_meta(path).get("key") != key:
+            log.info("%s was made with other settings; computing it again", path.name)
+            return None
+        return load_tensors(path)
+    except MaskproError as e:
+        log.warning("%s; computing it again", e)
+        return None
+
+
+def _prior(model, job: PruneJob, nm: NM, layers: dict, windows, workdir, resume: bool,
+           progress: bool) -> PruneResult:
+    """The one-shot prior (masks, and SparseGPT's decided weights when learning on them), cached in the work
+    directory so a resumed run does not compute it again (SparseGPT: minutes on a GPU, about half an hour on
+    a CPU). The model's target layers end as the one-shot method left them."""
+    path = Path(workdir) / PRIOR if workdir else None
+    key = _prior_key(job, nm)
+    hit = _cached(path, key, resume)
+    if hit is not None:
+        tensors, meta = hit
+        masks = {n: unpack_mask(tensors[f"mask.{n}"], tuple(meta["shapes"][n])) for n in layers}
+        decided = {n: tensors[f"decided.{n}"] for n in layers} if key["decided"] else {}
+        for n, m in layers.items():  # SparseGPT's kept weights are their decided values
+            w = decided[n] if decided else m.weight.data
+            keep = masks[n].to(m.weight.device)
+            m.weight.data = w.to(m.weight.device, m.weight.dtype) * keep
+        log.info("prior mask (%s): %s, computed by an earlier run with the same settings", job.init, path)
+        return PruneResult(masks, decided)
+    prior = prune(model, job.init, nm, windows, job.targets, batch=job.calib.batch,
+                  keep_decided=key["decided"], progress=progress)
+    if path is not None and distributed.is_main():
+        packed = {f"mask.{n}": pack_mask(prior.masks[n].cpu())[0] for n in layers}
+        save_tensors({**packed, **{f"decided.{n}": prior.decided[n] for n in prior.decided}}, path,
+                     {"key": key, "shapes": {n: list(prior.masks[n].shape) for n in layers}})
+    distributed.barrier()
+    return prior
 
 
 def _refitted_source(model, job: PruneJob, layers: dict, dense: dict[str, torch.Tensor],
@@ -205,12 +285,13 @@ def _refitted_source(model, job: PruneJob, layers: dict, dense: dict[str, torch.
     Saved in the work directory before learning starts, so a resumed run learns on exactly the same weights
     (a GPU re-fit is not bit-for-bit repeatable) without re-fitting again."""
     cached = Path(workdir) / REFIT_SOURCE if workdir else None
-    if cached is not None and resume and cached.is_file():
-        tensors, meta = load_tensors(cached)
-        if meta.get("block") == asdict(job.block) and set(tensors) == set(layers):
-            log.info("re-fitted weights to learn on: %s (saved by the interrupted run)", cached)
-            info["refit_before_learning"] = meta["report"]
-            return {n: tensors[n].to(decided[n].device, decided[n].dtype) for n in layers}
+    key = {"block": asdict(job.block), "prior": _prior_key(job, NM.parse(job.nm))}
+    hit = _cached(cached, key, resume)
+    if hit is not None and set(hit[0]) == set(layers):
+        tensors, meta = hit
+        log.info("re-fitted weights to learn on: %s, computed by an earlier run with the same settings", cached)
+        info["refit_before_learning"] = meta["report"]
+        return {n: tensors[n].to(decided[n].device, decided[n].dtype) for n in layers}
     info["refit_before_learning"] = reconstruct_blocks(model, dense, masks, windows, job.block,
                                                        batch=job.calib.batch, progress=progress)
     source = {}
@@ -218,7 +299,7 @@ def _refitted_source(model, job: PruneJob, layers: dict, dense: dict[str, torch.
         keep = masks[n].to(decided[n].device)
         source[n] = torch.where(keep, m.weight.data.to(decided[n].device), decided[n])
     if cached is not None and distributed.is_main():
-        save_tensors(source, cached, {"block": asdict(job.block), "report": info["refit_before_learning"]})
+        save_tensors(source, cached, {"key": key, "report": info["refit_before_learning"]})
     distributed.barrier()
     if cached is not None and not distributed.is_main():  # every rank learns on rank 0's bits
         source = {n: t.to(decided[n].device, decided[n].dtype) for n, t in load_tensors(cached)[0].items()}

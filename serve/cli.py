@@ -3,7 +3,7 @@
 ``--backend torch`` (default) serves in this process: uvicorn + :mod:`maskpro.serve.server` over
 :class:`maskpro.serve.engine.TorchEngine`. ``--backend vllm`` / ``trtllm`` run ``vllm serve`` /
 ``trtllm-serve`` as a supervised subprocess (:mod:`maskpro.serve.backends`). Errors are one line on stderr
-with exit code 2; SIGTERM or Ctrl-C shuts down gracefully with exit code 0.
+with exit code 2 (:mod:`maskpro.errors`); SIGTERM or Ctrl-C shuts down gracefully with exit code 0.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Callable
 
 import uvicorn
 
-from maskpro.errors import MaskproError
+from maskpro.cliparse import Parser
+from maskpro.errors import MaskproError, run_cli
 
 log = logging.getLogger("maskpro.serve")
 
@@ -37,37 +38,27 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="maskpro-serve", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
+    p = Parser(prog="maskpro-serve", epilog=_EPILOG,
                 usage="%(prog)s MODEL [options] [-- ENGINE_ARGS...]",
                 description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
                             "/v1/chat/completions, /v1/models, /health, /metrics).")
     p.add_argument("model", help="model folder (maskpro prune output, any HF causal LM folder, a .gguf file, or "
                                  "'smollm2-135m-instruct'); for vllm/trtllm the exported folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--backend", choices=("torch", "vllm", "trtllm"), default="torch")
     p.add_argument("--device", default="auto", help="torch backend: auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16", "float32", "float16",
                                                        "bfloat16"))
-    p.add_argument("--max-batch-size", type=int, default=None, help="rows decoded together (default 32)")
-    p.add_argument("--max-queue", type=int, default=128, help="torch: requests waiting before 429 (default 128)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="rows decoded together (32 when not given)")
+    p.add_argument("--max-queue", type=int, default=128, help="torch: requests waiting before 429")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: the "
                                                                         "model's context minus one)")
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for "
-                                                                 "(default 1024)")
+                                                                 "(1024 when not given)")
     p.add_argument("--timeout", type=float, default=300.0, help="torch: seconds a request may take, queue "
-                                                                "included, before 504 (default 300)")
+                                                                "included, before 504")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm/trtllm: GPUs per model")
     p.add_argument("--served-model-name", default=None, help="the id clients send as 'model' (default: folder name)")
     p.add_argument("--no-sparse", action="store_true", help="torch: keep dense linears (skip sparsify)")
@@ -80,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "only, decode from CUDA graphs); 'transformers' the transformers model with 2:4 layers "
                         "swapped in; auto: fast for Llama/Mistral/Qwen2 models on a GPU (default)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch with the static KV cache on a GPU: replay decode steps from CUDA graphs (default on)")
+                   help="torch with the static KV cache on a GPU: replay decode steps from CUDA graphs")
     p.add_argument("--threads", type=int, default=None, help="torch on CPU: intra-op threads (default: cores "
                                                              "minus one, leaving a core for HTTP)")
     p.add_argument("--api-key", default=None,
@@ -90,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this private key (with --ssl-certfile)")
     p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate (with --ssl-keyfile)")
     p.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds in-flight requests get to finish "
-                                                                       "after SIGTERM (default 5)")
+                                                                       "after SIGTERM")
     p.add_argument("--tokenizer", default=None, help="trtllm: tokenizer folder of a TensorRT-LLM engine")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="vllm/trtllm: seconds to wait for /health")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -107,15 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     a.engine_args = extra
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        _check_args(a)
-        if a.backend == "torch":
-            return serve_torch(a)
-        return serve_external(a)
-    except MaskproError as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return 130
+    return run_cli("maskpro-serve", lambda: _serve(a), "the server stopped")
+
+
+def _serve(a: argparse.Namespace) -> int:
+    _check_args(a)
+    return serve_torch(a) if a.backend == "torch" else serve_external(a)
 
 
 def _check_args(a: argparse.Namespace) -> None:

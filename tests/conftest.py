@@ -84,6 +84,19 @@ def smollm2_pruned(tmp_path_factory, smollm2_path) -> Path:
     return out
 
 
+def _reseal(folder: Path) -> Path:
+    """Record a hand-edited folder's files again, as a tool that wrote the folder that way would have."""
+    from maskpro.artifacts import read_metadata, seal
+
+    seal(Path(folder), read_metadata(folder))
+    return Path(folder)
+
+
+@pytest.fixture(scope="session")
+def reseal():
+    return _reseal
+
+
 @pytest.fixture
 def break_pattern(tmp_path):
     """Copy a maskpro folder and give one group of one layer 4 non-zeros; returns (copy, layer, row)."""
@@ -98,6 +111,6 @@ def break_pattern(tmp_path):
         w = tensors[f"{layer}.weight"]
         w[row, :4] = 0.5  # group 0 of this row now holds 4 non-zeros
         save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
-        return broken, layer, row
+        return _reseal(broken), layer, row
 
     return make

@@ -1,6 +1,7 @@
 """Block-wise reconstruction: masks stay, kept weights move, the model gets closer to dense; bad input errors."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -66,13 +67,17 @@ def test_cli_prunes_and_refits_blocks(tiny_model_dir, data_root, tmp_path):
 
 
 def test_maskpro_learns_on_refitted_sparsegpt_weights_and_resumes_without_refitting(
-        tiny_model_dir, data_root, tmp_path, monkeypatch):
+        tiny_model_dir, data_root, tmp_path, monkeypatch, caplog, capsys):
     out, work = tmp_path / "mp-refit", tmp_path / "work"
     args = ["prune", "--model", str(tiny_model_dir), "--method", "maskpro", "--learn-on", "sparsegpt-block",
             "--init", "sparsegpt", "--batch-size", "2", "--seq-len", "16", "--n-docs", "8", "--calib-samples", "4",
             "--calib-seq-len", "64", "--recon-epochs", "1", "--data-dir", str(data_root), "--workdir", str(work),
             "--checkpoint-every", "2", "-q"]
-    assert main(args + ["--steps", "4", "--out", str(out)]) == 0
+    with caplog.at_level(logging.INFO, logger="maskpro"):
+        assert main(args + ["--steps", "4", "--out", str(out)]) == 0
+    phases = [r.getMessage() for r in caplog.records if r.name == "maskpro" and "done in" not in r.getMessage()]
+    assert phases == ["[1/4] calibration windows", "[2/4] prior mask (sparsegpt)", "[3/4] block re-fit before learning",
+                      "[4/4] MaskPro learner (4 steps)"]
     meta = json.loads((out / "maskpro.json").read_text())
     assert meta["method"] == "maskpro@sparsegpt-block" and meta["learner"]["steps"] == 4
     assert len(meta["refit_before_learning"]["blocks"]) == 2
@@ -82,10 +87,18 @@ def test_maskpro_learns_on_refitted_sparsegpt_weights_and_resumes_without_refitt
     def no_refit(*_a, **_k):
         raise AssertionError("the resumed run re-fitted the blocks again")
 
+    def no_prior(*_a, **_k):
+        raise AssertionError("the resumed run computed the prior again")
+
     monkeypatch.setattr("maskpro.pipeline.reconstruct_blocks", no_refit)  # a resume reads the saved weights
+    monkeypatch.setattr("maskpro.pipeline.prune", no_prior)  # ... and the saved prior
     assert main(args + ["--steps", "6", "--out", str(tmp_path / "mp-refit-6")]) == 0
     meta6 = json.loads((tmp_path / "mp-refit-6" / "maskpro.json").read_text())
     assert meta6["learner"]["steps"] == 6 and meta6["refit_before_learning"] == meta["refit_before_learning"]
+    capsys.readouterr()
+    # other learner settings: refused before the prior (no_prior would raise) with one line
+    assert main(args + ["--steps", "6", "--lr", "7", "--out", str(tmp_path / "other")]) == 2
+    assert "made with different config" in capsys.readouterr().err and not (tmp_path / "other").exists()
     assert main(["prune", "--method", "maskpro", "--learn-on", "sparsegpt-block", "--init", "wanda",
                  "--out", str(tmp_path / "bad")]) == 2
     assert main(["prune", "--method", "maskpro", "--learn-on", "sparsegpt-block", "--recon-epochs", "0",

@@ -32,7 +32,7 @@ def test_saved_folder_reloads_with_plain_transformers_and_matches_masks(pruned):
         assert torch.all(w[~mask] == 0) and mask.view(-1, 4).sum(1).eq(2).all()
 
 
-def test_check_passes_then_names_a_flipped_weight(pruned, tmp_path, capsys):
+def test_check_passes_then_names_a_flipped_weight(pruned, tmp_path, capsys, reseal):
     assert main(["check", "--model", str(pruned)]) == 0
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -45,7 +45,9 @@ def test_check_passes_then_names_a_flipped_weight(pruned, tmp_path, capsys):
     row[:4] = 1.0  # group 0 of row 7 now has 4 non-zeros
     w[7] = row
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    assert main(["check", "--model", str(broken)]) == 2
+    assert main(["check", "--model", str(broken)]) == 2  # an edit the folder's record does not know of
+    assert "model.safetensors is not the file maskpro.json records" in capsys.readouterr().err
+    assert main(["check", "--model", str(reseal(broken))]) == 1  # written that way: the pattern check fails
     err = capsys.readouterr().err
     assert "model.layers.3.mlp.down_proj" in err and "row 7, columns 0..3" in err
 

@@ -71,3 +71,70 @@ def test_every_command_names_the_damaged_file(tiny_pruned, tmp_path, capsys, nam
         assert code == 2, (command, code, err)
         assert len(err.splitlines()) == 1 and f"{name} is damaged" in err and "Traceback" not in err, (command, err)
     assert not (tmp_path / "out").exists()  # nothing was exported from the damaged folder
+
+
+def _flip_byte(path, at: float = 0.6) -> None:
+    """Change one byte; in text, one letter into another (the file still parses)."""
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * at)
+    if path.suffix == ".json":
+        while not (data[i] < 128 and chr(data[i]).isalpha()):
+            i += 1
+        data[i] = ord("q") if data[i] != ord("q") else ord("z")
+    else:
+        data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "masks.safetensors", "tokenizer.json"])
+def test_a_changed_byte_is_caught_by_the_recorded_sha256(tiny_pruned, tmp_path, capsys, name):
+    """Same size, valid header, one bit different: only the record of sizes and hashes can tell."""
+    from maskpro.artifacts import load_masks, read_metadata
+    from maskpro.cli import main as maskpro_main
+    from maskpro.export.cli import check_main
+    from maskpro.models import resolve_model_path
+
+    record = read_metadata(tiny_pruned)["files"]
+    assert set(record) >= {"model.safetensors", "masks.safetensors", "config.json", "tokenizer.json"}
+    assert "maskpro.json" not in record and all(len(v["sha256"]) == 64 for v in record.values())
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_pruned, copy)
+    resolve_model_path(copy)  # an intact copy passes
+    _flip_byte(copy / name, 0.9 if name.endswith(".json") else 0.6)
+    expected = f"{name} is not the file maskpro.json records (its sha256 differs)"
+    pattern = expected.replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(MaskproError, match=pattern):
+        resolve_model_path(copy)
+    if name == "masks.safetensors":
+        with pytest.raises(MaskproError, match=pattern):
+            load_masks(copy)
+    assert check_main([str(copy), "--quiet"]) == 2
+    assert maskpro_main(["check", "--model", str(copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(expected in line for line in err)
+
+
+def test_a_listed_file_that_is_gone_is_named(tiny_pruned, tmp_path):
+    from maskpro.models import resolve_model_path
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_pruned, copy)
+    (copy / "generation_config.json").unlink()
+    with pytest.raises(MaskproError, match=r"generation_config.json is missing \(listed in maskpro.json\)"):
+        resolve_model_path(copy)
+
+
+def test_exports_record_their_own_files(tiny_pruned, tmp_path):
+    from maskpro.artifacts import read_metadata
+    from maskpro.export.check import check_path
+    from maskpro.export.vllm import write_vllm_checkpoint
+    from maskpro.integrity import sha256
+
+    out = write_vllm_checkpoint(tiny_pruned, tmp_path / "vllm")
+    record = read_metadata(out)["files"]
+    assert record["model.safetensors"]["sha256"] == sha256(out / "model.safetensors")
+    assert record["masks.safetensors"] == read_metadata(tiny_pruned)["files"]["masks.safetensors"]  # copied whole
+    assert check_path(out).ok
+    _flip_byte(out / "model.safetensors")
+    with pytest.raises(MaskproError, match="sha256 differs"):
+        check_path(out)

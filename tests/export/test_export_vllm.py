@@ -51,7 +51,7 @@ def text(data_root) -> str:
 
 
 @pytest.fixture(scope="module")
-def broken(pruned, tmp_path_factory) -> Path:
+def broken(pruned, tmp_path_factory, reseal) -> Path:
     """The pruned folder with one zero of one group flipped to non-zero: 3 non-zeros in a 2:4 group."""
     out = tmp_path_factory.mktemp("broken") / "tiny-broken"
     shutil.copytree(pruned, out)
@@ -60,7 +60,7 @@ def broken(pruned, tmp_path_factory) -> Path:
     group = w[BROKEN_ROW, BROKEN_GROUP_COL:BROKEN_GROUP_COL + 4]
     group[(group == 0).nonzero()[0]] = 0.5
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    return reseal(out)
 
 
 # ------------------------------------------------------------------------------------------ dense
