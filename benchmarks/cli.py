@@ -31,6 +31,8 @@ SUBCOMMANDS = {
                                  "no tracebacks, no silent successes"),
     "cpu-quick": ("cpu_quick", "the CPU recipe (maskpro prune --preset cpu-quick) against dense and SparseGPT, "
                                "with wall times"),
+    "gpu-tests": ("gpu_tests", "every GPU-marked and vLLM test on this machine, recorded per test with the "
+                               "commit and device"),
     "report": ("report", "Markdown summary (SUMMARY.md) and PNG plots of all results JSON"),
 }
 

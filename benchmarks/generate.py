@@ -348,8 +348,8 @@ def run(a: argparse.Namespace) -> Path:
     tokens = set(a.batch_sizes) | prefill_tokens
     # steps that run as CUDA graphs here (decode; prefill with --prefill-graphs) are planned by device time
     graphed = (set(a.batch_sizes) | (prefill_tokens if a.prefill_graphs else set())) if device == "cuda" else set()
-    report = sl.sparsify(sparse_model, buckets=tuple(sorted({sl._bucket(t) for t in tokens})),
-                         graph_buckets=tuple(sorted({sl._bucket(t) for t in graphed})))
+    report = sl.sparsify(sparse_model, buckets=tuple(sorted({sl.token_bucket(t) for t in tokens})),
+                         graph_buckets=tuple(sorted({sl.token_bucket(t) for t in graphed})))
     weights_gib["sparse"] = allocated_gib() - weights_gib["dense"]
     variants = {"dense": Variant(model)}
     swapped = [m for m in sparse_model.modules() if isinstance(m, sl.SparseLinear)]

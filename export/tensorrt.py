@@ -472,7 +472,7 @@ def trtexec_command(onnx_path: str | os.PathLike, engine_path: str | os.PathLike
 
 # ------------------------------------------------------------------------------------ engine building
 
-def _gpu() -> tuple[str, tuple[int, int]] | None:
+def gpu_info() -> tuple[str, tuple[int, int]] | None:
     """(name, compute capability) of the CUDA device, from torch or nvidia-smi; None when none is visible."""
     try:
         import torch
@@ -506,7 +506,7 @@ def _import_tensorrt():
 
 def require_engine(kept: str):
     """(tensorrt module, gpu) or the one-line error naming everything missing; ``kept`` says what survives."""
-    trt, gpu = _import_tensorrt(), _gpu()
+    trt, gpu = _import_tensorrt(), gpu_info()
     missing = [what for what, ok in (("the tensorrt Python package is not installed", trt is not None),
                                      ("no CUDA GPU is visible", gpu is not None)) if not ok]
     if missing:

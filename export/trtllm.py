@@ -34,7 +34,7 @@ from maskpro.integrity import digest_files
 from maskpro.errors import MaskproError
 from maskpro.nm import NM, check_weight
 
-from .tensorrt import _gpu, parse_sparsity_log
+from .tensorrt import gpu_info, parse_sparsity_log
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def build_trtllm_engine(ckpt_dir: str | os.PathLike, engine_dir: str | os.PathLi
         raise MaskproError(f"{ckpt_dir} was written for tp {ckpt_tp}, not {tp}; write it again with tp_size={tp}")
     exe = shutil.which("trtllm-build")
     missing = [what for what, ok in (("trtllm-build is not on PATH", exe is not None),
-                                     ("no CUDA GPU is visible", _gpu() is not None)) if not ok]
+                                     ("no CUDA GPU is visible", gpu_info() is not None)) if not ok]
     if missing:
         raise MaskproError(_install_hint(ckpt_dir, "cannot build a TensorRT-LLM engine: " + " and ".join(missing)))
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .errors import MaskproError
 from .models import decoder_layers, find_linears
-from .oneshot import _capture_first_layer, _input_device, _layer_out, _on
+from .oneshot import capture_first_layer, input_device, layer_out, to_block_device
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,8 @@ def reconstruct_blocks(model: nn.Module, dense: dict[str, torch.Tensor], masks: 
         raise MaskproError(f"block reconstruction has no layer or dense weight for {missing[0]}; "
                            "pass the dense weights of every masked layer")
     names_of = {id(m): n for n, m in targets.items()}
-    device = _input_device(model)
-    sparse_in = _capture_first_layer(model, calib, device, batch)
+    device = input_device(model)
+    sparse_in = capture_first_layer(model, calib, device, batch)
     dense_in = [(h.clone(), kw) for h, kw in sparse_in]  # both streams start from the same embeddings
     gen = torch.Generator().manual_seed(cfg.seed)
     report = []
@@ -94,16 +94,16 @@ def reconstruct_blocks(model: nn.Module, dense: dict[str, torch.Tensor], masks: 
                                     unit="block")):
         linears = {names_of[id(m)]: m for m in layer.modules() if id(m) in names_of}
         block = next(layer.parameters()).device
-        sparse_in = [_on(block, h, kw) for h, kw in sparse_in]
-        dense_in = [_on(block, h, kw) for h, kw in dense_in]
+        sparse_in = [to_block_device(block, h, kw) for h, kw in sparse_in]
+        dense_in = [to_block_device(block, h, kw) for h, kw in dense_in]
         with torch.no_grad():  # the dense block's outputs on the dense stream: the targets
             kept = _swap(linears, dense)
-            dense_out = [_layer_out(layer(h, **kw)) for h, kw in dense_in]
+            dense_out = [layer_out(layer(h, **kw)) for h, kw in dense_in]
             _swap(linears, kept)
         if linears:
             report.append({"block": li, **_fit_block(layer, linears, masks, sparse_in, dense_out, cfg, gen)})
         with torch.no_grad():
-            sparse_in = [(_layer_out(layer(h, **kw)), kw) for h, kw in sparse_in]
+            sparse_in = [(layer_out(layer(h, **kw)), kw) for h, kw in sparse_in]
         dense_in = [(y, kw) for y, (_, kw) in zip(dense_out, dense_in)]
     return {"method": "block", "epochs": cfg.epochs, "lr": cfg.lr, "micro_batch": cfg.micro_batch,
             "blocks": report}
@@ -143,7 +143,7 @@ def _fit_block(layer: nn.Module, linears: dict[str, nn.Linear], masks: dict[str,
             h = inputs[b][0]
             sel = torch.tensor(rs, device=h.device)
             with amp:
-                out = _layer_out(work(h.index_select(0, sel).float(), **_rows(kw32[b], sel, h.shape[0]))).float()
+                out = layer_out(work(h.index_select(0, sel).float(), **_rows(kw32[b], sel, h.shape[0]))).float()
             y = targets[b].index_select(0, sel).float()
             total = total + (out - y).pow(2).mean() * len(rs)
         return total / len(idx)

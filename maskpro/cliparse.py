@@ -14,15 +14,20 @@ class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFo
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in text or _no_value(action.default) or not action.option_strings:
             return text
         return super()._get_help_string(action)
 
     def _format_action(self, action):
-        if not action.help and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+        if not action.help and action.option_strings and not _no_value(action.default):
             action = copy.copy(action)  # an option without help text still shows its default
             action.help = "(default: %(default)s)"
         return super()._format_action(action)
+
+
+def _no_value(default) -> bool:
+    """Defaults not worth showing: none, a flag's False, suppressed (by identity: 0 is a value, not False)."""
+    return default is None or default is False or default is argparse.SUPPRESS
 
 
 class Parser(argparse.ArgumentParser):

@@ -46,7 +46,7 @@ class _Stop(Exception):
     pass
 
 
-def _capture_first_layer(model: nn.Module, calib: torch.Tensor, device: torch.device, batch: int):
+def capture_first_layer(model: nn.Module, calib: torch.Tensor, device: torch.device, batch: int):
     """Inputs (hidden states, per-batch kwargs) that the first decoder layer receives for each batch."""
     layers = decoder_layers(model)
     store: list[tuple[torch.Tensor, dict]] = []
@@ -73,16 +73,16 @@ def _capture_first_layer(model: nn.Module, calib: torch.Tensor, device: torch.de
     return store
 
 
-def _layer_out(out):
+def layer_out(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return emb.weight.device if emb is not None else next(model.parameters()).device
 
 
-def _on(device: torch.device, hidden: torch.Tensor, kw: dict) -> tuple[torch.Tensor, dict]:
+def to_block_device(device: torch.device, hidden: torch.Tensor, kw: dict) -> tuple[torch.Tensor, dict]:
     """A block's inputs on the block's device (a no-op unless the model is spread over devices)."""
     from accelerate.utils import send_to_device
 
@@ -101,7 +101,7 @@ def calibrated_prune(model: nn.Module, calib: torch.Tensor, nm: NM, method: str,
     """
     if method not in ("wanda", "sparsegpt"):
         raise MaskproError(f"calibrated_prune takes wanda or sparsegpt, not {method!r}")
-    device = _input_device(model)
+    device = input_device(model)
     chosen = find_linears(model, targets)
     for name, mod in chosen.items():
         nmlib.check_shape(mod.weight.shape, nm, name)
@@ -109,7 +109,7 @@ def calibrated_prune(model: nn.Module, calib: torch.Tensor, nm: NM, method: str,
     group = distributed.current()
     if group.distributed:  # this rank's whole batches; the statistics are summed below
         calib = distributed.calibration_share(calib, batch, group.rank, group.world_size)
-    inputs = _capture_first_layer(model, calib, device, batch)
+    inputs = capture_first_layer(model, calib, device, batch)
     result = PruneResult({})
     layers = decoder_layers(model)
     for li, layer in enumerate(tqdm(layers, desc=f"{method} {nm}", disable=not progress, unit="layer")):
@@ -131,7 +131,7 @@ def calibrated_prune(model: nn.Module, calib: torch.Tensor, nm: NM, method: str,
 
         handles = [m.register_forward_hook(make_hook(n)) for n, m in subset.items()]
         block = next(layer.parameters()).device
-        inputs = [_on(block, hidden, kw) for hidden, kw in inputs]
+        inputs = [to_block_device(block, hidden, kw) for hidden, kw in inputs]
         with torch.no_grad():
             for hidden, kw in inputs:
                 layer(hidden, **kw)
@@ -157,7 +157,7 @@ def calibrated_prune(model: nn.Module, calib: torch.Tensor, nm: NM, method: str,
                     result.decided[name] = res.decided.cpu()
             result.masks[name] = mask.cpu()
         with torch.no_grad():  # the next layer sees this layer's pruned outputs
-            inputs = [(_layer_out(layer(hidden, **kw)), kw) for hidden, kw in inputs]
+            inputs = [(layer_out(layer(hidden, **kw)), kw) for hidden, kw in inputs]
     return result
 
 

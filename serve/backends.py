@@ -36,7 +36,7 @@ from maskpro.errors import MaskproError
 
 log = logging.getLogger(__name__)
 
-VLLM_PIN = "vllm==0.33.0"
+VLLM_PIN = "vllm==0.26.0"
 TRTLLM_PIN = "tensorrt-llm==1.2.1"   # the newest release on PyPI; same pin as maskpro.export.trtllm
 _VLLM_DTYPES = {"auto": "auto", "fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
                 "fp32": "float32", "float32": "float32"}

@@ -26,7 +26,7 @@ log = logging.getLogger("maskpro.serve")
 _EPILOG = """backends:
   torch   in-process PyTorch engine with continuous batching (CPU or one CUDA GPU); 2:4 layers go through
           maskpro.serve.sparse_linear
-  vllm    `vllm serve` on a `maskpro-export --engine vllm` folder (needs: pip install vllm==0.33.0)
+  vllm    `vllm serve` on a `maskpro-export --engine vllm` folder (needs: pip install vllm==0.26.0)
   trtllm  `trtllm-serve` on a HF folder (PyTorch backend) or a `maskpro-export --engine trtllm` engine
           (TensorRT backend, needs --tokenizer; pip install tensorrt-llm==1.2.1)
 

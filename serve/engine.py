@@ -541,12 +541,12 @@ class TorchEngine:
         if self.runtime == "fast":
             self.sparsity = {"backend": "fast", "layers": 0}  # filled when the fast decoder takes the weights
         elif config.sparse:
-            from maskpro.serve.sparse_linear import TOKEN_BUCKETS, _bucket, sparsify
+            from maskpro.serve.sparse_linear import TOKEN_BUCKETS, token_bucket, sparsify
 
             from .slot_cache import PREFILL_GRAPH_TOKENS
 
             # decode steps and short prefills replayed from graphs are planned by device time (no host launch cost)
-            graphed = ({_bucket(1 << i) for i in range(config.max_batch_size.bit_length() + 1)}
+            graphed = ({token_bucket(1 << i) for i in range(config.max_batch_size.bit_length() + 1)}
                        | {t for t in TOKEN_BUCKETS if t <= PREFILL_GRAPH_TOKENS}) if graphs_wanted else set()
             self.sparsity = dict(sparsify(self.model, graph_buckets=tuple(sorted(graphed))))
         else:
@@ -575,6 +575,8 @@ class TorchEngine:
         self._running = 0
         self._steps = 0
         self._dead: str | None = None  # why the worker stopped for good (a sticky device error)
+        self._batched_steps = 0        # decode steps that ran more than one request together
+        self._max_rows = 0             # the most requests one decode step ran
         self._outcomes: dict[str, int] = {}   # finish reasons and error codes -> count
         self._count_lock = threading.Lock()
 
@@ -642,7 +644,7 @@ class TorchEngine:
                  need / 2**30, f"from CUDA graphs ({decoder.captured} captured in "
                                        f"{time.perf_counter() - t0:.1f} s)" if graphs else "eager")
         return decoder, {"kind": "static", "slots": slots, "capacity_tokens": capacity,
-                         "gib": round(need / 2**30, 3)}
+                         "bytes": need, "gib": round(need / 2**30, 3)}
 
     def _graphs_info(self) -> dict:
         d, requested = self._decoder, bool(self.config.cuda_graphs)
@@ -688,6 +690,7 @@ class TorchEngine:
 
     def stats(self) -> dict:
         return {"queue_depth": len(self._waiting), "running": self._running, "steps": self._steps,
+                "batched_steps": self._batched_steps, "max_rows": self._max_rows,
                 "outcomes": self._outcomes.copy(), **({"stopped": self._dead} if self._dead else {})}
 
     def is_ready(self) -> bool:
@@ -889,6 +892,8 @@ class TorchEngine:
         if new:
             self._join(new)
         while self._batch is not None:
+            self._batched_steps += self._batch.size > 1
+            self._max_rows = max(self._max_rows, self._batch.size)
             try:
                 self._decode()
                 break

@@ -72,11 +72,11 @@ class ShapePlan:
     timings_us: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
-def _bucket(t: int) -> int:
+def token_bucket(t: int) -> int:
     return TOKEN_BUCKETS[min(bisect.bisect_left(TOKEN_BUCKETS, t), len(TOKEN_BUCKETS) - 1)]
 
 
-def _l2_flush_buffer() -> torch.Tensor:
+def l2_flush_buffer() -> torch.Tensor:
     l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or 50 * 2**20
     return torch.empty(2 * l2, dtype=torch.int8, device="cuda")
 
@@ -94,7 +94,7 @@ def time_us(fn, iters: int = 30, warmup: int = 5, flush: torch.Tensor | None = N
     (A CUDA graph captured per timing was tried first: after those captures, eager prefill spent 1.5x longer on
     the host in a probe on an H100. Graphs are still used for cuSPARSELt in graph buckets, ``graph_time_us``.)
     """
-    flush = _l2_flush_buffer() if flush is None else flush
+    flush = l2_flush_buffer() if flush is None else flush
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -182,7 +182,7 @@ def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
     eager call waits on the GPU); the others eagerly, host overhead included."""
     plan = ShapePlan()
     n, k = weight.shape
-    flush = _l2_flush_buffer()
+    flush = l2_flush_buffer()
     for t in buckets:
         x = torch.randn(t, k, dtype=weight.dtype, device=weight.device)
         timer = functools.partial(time_us, device_only=t in graph_buckets)
@@ -301,10 +301,10 @@ class SparseLinear(nn.Module):
         Called for every member on every prefill, so it reads plain attributes only.
         """
         tokens = x.numel() // x.shape[-1]
-        return tokens > sparse_mma.MAX_TOKENS and self.has_dense and self._choice(x, _bucket(tokens)) == "dense"
+        return tokens > sparse_mma.MAX_TOKENS and self.has_dense and self._choice(x, token_bucket(tokens)) == "dense"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = _bucket(x.numel() // x.shape[-1])
+        b = token_bucket(x.numel() // x.shape[-1])
         choice = self._choice(x, b)
         if choice == "dense" and self.has_dense:  # the common prefill case, with as little host work as nn.Linear
             return torch.nn.functional.linear(x, self.weight, self.bias)

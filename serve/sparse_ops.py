@@ -120,10 +120,10 @@ def plan(layer: Weight24, buckets, iters: int = 15) -> dict:
     ``layer.choice`` and ``layer.prefill``; returns the timings (us) and choices."""
     from dataclasses import astuple
 
-    from .sparse_linear import _l2_flush_buffer, time_us
+    from .sparse_linear import l2_flush_buffer, time_us
 
     n, k = layer.out_features, layer.in_features
-    flush, report = _l2_flush_buffer(), {}
+    flush, report = l2_flush_buffer(), {}
     scratch = torch.empty(n, k, dtype=layer.dtype, device=layer.tiles.device)
 
     def timed(fn) -> float:

@@ -1,6 +1,7 @@
 """vLLM plugin: serve maskpro 2:4 checkpoints through maskpro's own 2:4 kernels.
 
-UNVERIFIED: written against vLLM 0.33.0 (the newest on PyPI) and never run inside a vLLM server. What was
+Pinned to vLLM 0.26.0, the release the GPU machine runs: there it registers, finds its config and loads a
+checkpoint; serving under CUDA graphs is not verified yet. Written first against vLLM 0.33.0's source; what was
 checked, on a CPU machine: the vLLM-independent parts below with real maskpro folders, and the vLLM glue
 against the Python source of the 0.33.0 wheel put on PYTHONPATH (no ``vllm._C``, no GPU, no engine):
 registration, vLLM's ``get_quant_config`` finding the config both ways, real ``QKVParallelLinear`` /
@@ -92,7 +93,7 @@ from maskpro.errors import MaskproError
 log = logging.getLogger("vllm.plugins.maskpro")
 
 METHOD = "maskpro"                 # the --quantization name and quant_method this plugin registers
-VLLM_VERSION = "0.33.0"            # the vLLM whose source this was written against
+VLLM_VERSION = "0.26.0"            # the vLLM it runs with on the GPU machine (pinned)
 CONFIG_KEY = "maskpro"             # the block maskpro-export writes into config.json
 DENSE_ENV = "MASKPRO_VLLM_DENSE"   # "1" keeps every layer dense
 OP_NAME = "maskpro_vllm::sparse_linear_24"

@@ -81,6 +81,12 @@ def test_help_states_each_default_once(sub, capsys):
     text = " ".join(capsys.readouterr().out.split())       # undo argparse's line wrapping
     for option in re.split(r" (?=--?[a-z])", text):
         assert option.count("(default") <= 1 and "(default: None)" not in option, option
+    shown = {"prune": ["policy-gradient steps of the learner (default: 1000)", "--seed SEED seed of the data draws "
+                       "and the learner's sampling (default: 0)", "--device DEVICE cpu, cuda, cuda:N or auto "
+                       "(default: auto)"],
+             "eval": ["--seq-len SEQ_LEN (default: 2048)", "--batch-size BATCH_SIZE (default: 4)"],
+             "check": []}[sub]
+    assert [s for s in shown if s not in text] == []  # every default is there, in the form users read it
 
 
 @pytest.mark.parametrize("option, words", [(["--steps", "-5"], "--steps must be >= 1"),

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from maskpro.errors import PatternError
 from maskpro.export.check import check_path
 from maskpro.export.cli import export_main
 from maskpro.export.onnx import DATA_FILE, ONNX_FILE, OnnxExportConfig, _session, export_onnx, onnx_step
@@ -107,6 +108,6 @@ def test_failed_export_keeps_the_previous_output(exported, tiny_pruned, break_pa
     out, _ = exported
     before = sorted(p.name for p in out.iterdir())
     broken, _, _ = break_pattern(tiny_pruned)
-    with pytest.raises(Exception):
+    with pytest.raises(PatternError, match="the pattern is broken"):
         export_onnx(broken, out)
     assert sorted(p.name for p in out.iterdir()) == before and check_path(out).ok

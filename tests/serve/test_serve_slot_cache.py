@@ -72,9 +72,12 @@ def test_static_cache_matches_generate_on_cpu(tiny_model_dir, small_columns):
                                       max_prompt_tokens=40, max_new_tokens=40))
     engine.start()
     try:
-        info = engine.info()
-        assert info["kv_cache"] == {"kind": "static", "slots": 4, "capacity_tokens": 80,
-                                    "gib": info["kv_cache"]["gib"]}
+        info, cache, cfg = engine.info(), engine._decoder.cache, engine.model.config
+        held = sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        assert held == 2 * cfg.num_hidden_layers * 4 * cfg.num_key_value_heads * 80 * head_dim * 4  # K, V fp32
+        assert info["kv_cache"] == {"kind": "static", "slots": 4, "capacity_tokens": 80, "bytes": held,
+                                    "gib": round(held / 2**30, 3)}
         assert info["cuda_graphs"]["active"] is False and info["cuda_graphs"]["why"] == "not on a GPU"
         _check(engine)
     finally:
