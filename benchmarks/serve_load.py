@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import os
 import signal
 import socket
@@ -75,6 +76,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="ask the server to generate --max-tokens even past end-of-sequence")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request counts as a timeout")
+    soak = p.add_argument_group("soak (a long run that must stay clean)")
+    soak.add_argument("--mixed", action="store_true",
+                      help="each request draws its prompt length (8..--prompt-words words) and max_tokens "
+                           "(8..--max-tokens) at random (seeded)")
+    soak.add_argument("--disconnect-rate", type=float, default=0.0,
+                      help="share of streaming requests whose client hangs up after its first tokens")
+    soak.add_argument("--sample-memory", type=float, default=None, metavar="SECONDS",
+                      help="read the server's memory from /health this often during each level")
     p.add_argument("--data-dir", default=None, help="data folder with wikitext2/test.txt for the prompts")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="--launch: seconds to wait for /health")
     p.add_argument("--tag", default=None, help="results name serve-<tag>.json (default: local or the URL's host)")
@@ -102,6 +111,7 @@ class Outcome:
     """One request: timings in seconds from its start, or the kind of error that ended it."""
 
     error: str | None = None
+    disconnected: bool = False   # the client hung up on purpose (a soak's random disconnect), not an error
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
     latency: float | None = None
@@ -116,8 +126,10 @@ def _chunk_text(obj: dict, chat: bool) -> str:
     return ((c.get("delta") or {}).get("content") if chat else c.get("text")) or ""
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict, chat: bool) -> Outcome:
-    """Send one streaming request and time its chunks; every failure becomes ``Outcome.error``."""
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, chat: bool,
+                      hang_up_after: int | None = None) -> Outcome:
+    """Send one streaming request and time its chunks; every failure becomes ``Outcome.error``.
+    With ``hang_up_after`` the client closes the stream after that many text chunks."""
     t0 = time.perf_counter()
     out, stamps, done, usage = Outcome(), [], False, None
     try:
@@ -137,6 +149,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, chat: boo
                     return Outcome(error="stream_error")
                 if _chunk_text(obj, chat):
                     stamps.append(time.perf_counter() - t0)
+                    if hang_up_after is not None and len(stamps) >= hang_up_after:
+                        return Outcome(disconnected=True, ttft=stamps[0], tokens=len(stamps))
                 usage = obj.get("usage") or usage
     except httpx.TimeoutException:
         return Outcome(error="timeout")
@@ -157,8 +171,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, chat: boo
     return out
 
 
-def request_body(cfg: "LoadConfig", prompt: str) -> dict:
-    body = {"model": cfg.model, "max_tokens": cfg.max_tokens, "temperature": 0, "stream": True,
+def request_body(cfg: "LoadConfig", prompt: str, max_tokens: int | None = None) -> dict:
+    body = {"model": cfg.model, "max_tokens": max_tokens or cfg.max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     if cfg.ignore_eos:
         body["ignore_eos"] = True
@@ -180,6 +194,20 @@ class LoadConfig:
     chat: bool = False
     ignore_eos: bool = True
     timeout: float = 120.0
+    mixed: bool = False
+    disconnect_rate: float = 0.0
+    sample_memory_s: float | None = None
+    seed: int = 0
+
+    def draw(self, i: int, rng: random.Random) -> tuple[str, int, int | None]:
+        """(prompt, max_tokens, hang-up point) of the i-th request of a level."""
+        prompt, max_tokens = self.prompts[i % len(self.prompts)], self.max_tokens
+        if self.mixed:
+            words = prompt.split()
+            prompt = " ".join(words[:rng.randint(min(8, len(words)), len(words))])
+            max_tokens = rng.randint(min(8, self.max_tokens), self.max_tokens)
+        hang_up = rng.randint(1, max(1, max_tokens // 2)) if rng.random() < self.disconnect_rate else None
+        return prompt, max_tokens, hang_up
 
     @property
     def endpoint(self) -> str:
@@ -193,22 +221,55 @@ async def run_level(cfg: LoadConfig, concurrency: int, requests: int | None, dur
     deadline = time.perf_counter() + duration if duration else None
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
+    rng = random.Random(cfg.seed + concurrency)
+    memory: list[tuple[float, int]] = []
+    running = True
+
     async def client_loop(client: httpx.AsyncClient) -> None:
         nonlocal sent
         while (deadline is None and sent < requests) or (deadline is not None and time.perf_counter() < deadline):
-            prompt = cfg.prompts[sent % len(cfg.prompts)]
+            prompt, max_tokens, hang_up = cfg.draw(sent, rng)
             sent += 1
-            outcomes.append(await one_request(client, cfg.endpoint, request_body(cfg, prompt), cfg.chat))
+            outcomes.append(await one_request(client, cfg.endpoint, request_body(cfg, prompt, max_tokens), cfg.chat,
+                                              hang_up))
+
+    async def sample_memory(client: httpx.AsyncClient) -> None:
+        root = cfg.base_url.rstrip("/").removesuffix("/v1")
+        while running:
+            try:
+                value = (await client.get(root + "/health")).json().get("memory_bytes")
+                if value is not None:
+                    memory.append((round(time.perf_counter() - t0, 2), int(value)))
+            except (httpx.HTTPError, ValueError):
+                pass
+            await asyncio.sleep(cfg.sample_memory_s)
 
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout), limits=limits) as client, \
+            httpx.AsyncClient(timeout=10.0) as side:
+        sampler = asyncio.create_task(sample_memory(side)) if cfg.sample_memory_s else None
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-    return summarize_level(concurrency, outcomes, time.perf_counter() - t0)
+        running = False
+        if sampler is not None:
+            await sampler
+    level = summarize_level(concurrency, outcomes, time.perf_counter() - t0)
+    if memory:
+        level["memory"] = memory_trend(memory)
+    return level
+
+
+def memory_trend(samples: list[tuple[float, int]]) -> dict:
+    """Server memory over a level: after warm-up (the first quarter) it should stay flat."""
+    values = [v for _, v in samples]
+    warm = values[len(values) // 4:] or values
+    return {"samples": len(values), "first_bytes": values[0], "after_warmup_bytes": warm[0],
+            "last_bytes": values[-1], "max_bytes": max(values),
+            "growth_after_warmup": (values[-1] - warm[0]) / warm[0] if warm[0] else None, "series": samples}
 
 
 def summarize_level(concurrency: int, outcomes: list[Outcome], wall_s: float) -> dict:
     """Throughput, latency percentiles (ms) and errors by kind of one level."""
-    ok = [o for o in outcomes if o.error is None]
+    ok = [o for o in outcomes if o.error is None and not o.disconnected]
     errors: dict[str, int] = {}
     for o in outcomes:
         if o.error:
@@ -219,6 +280,7 @@ def summarize_level(concurrency: int, outcomes: list[Outcome], wall_s: float) ->
 
     tokens = sum(o.tokens for o in ok)
     return {"concurrency": concurrency, "requests": len(outcomes), "ok": len(ok), "errors": sum(errors.values()),
+            "disconnected": sum(o.disconnected for o in outcomes),
             "errors_by_kind": errors, "wall_s": round(wall_s, 3),
             "requests_per_s": len(ok) / wall_s if wall_s else 0.0,
             "output_tokens_per_s": tokens / wall_s if wall_s else 0.0,
@@ -324,6 +386,8 @@ def run(a: argparse.Namespace) -> Path:
         raise MaskproError(f"--url {a.url} is not an http(s) URL; e.g. http://127.0.0.1:8000/v1")
     if a.duration is not None and a.duration <= 0:
         raise MaskproError("--duration must be > 0 seconds")
+    if not 0 <= a.disconnect_rate <= 1 or (a.sample_memory is not None and a.sample_memory <= 0):
+        raise MaskproError("--disconnect-rate must be in [0, 1] and --sample-memory > 0 seconds")
     prompts, prompt_source = load_prompts(a.data_dir, a.prompt_words)
     out = output_path(a, f"serve-{a.tag or _default_tag(a.url or '', bool(a.launch))}.json")
     with tempfile.TemporaryDirectory(prefix="maskpro-bench-serve-") as tmp:
@@ -352,12 +416,14 @@ def _run_against(url: str, a: argparse.Namespace, prompts: list[str]) -> dict:
     model, why = (a.model, None) if a.model else discover_model(url, 30.0)
     if model is None and not why.startswith("ConnectError"):  # unreachable is reported once, at the end
         print(f"warning: GET {url.rstrip('/')}/models failed ({why}); requests name no model", file=sys.stderr)
-    cfg = LoadConfig(url, model, prompts, a.max_tokens, a.chat, a.ignore_eos, a.timeout)
+    cfg = LoadConfig(url, model, prompts, a.max_tokens, a.chat, a.ignore_eos, a.timeout, a.mixed,
+                     a.disconnect_rate, a.sample_memory)
     root = url.rstrip("/").removesuffix("/v1")
     levels = benchmark(cfg, a.concurrency, a.requests, a.duration)
     return {"url": url, "endpoint": cfg.endpoint, "model": model, "model_lookup_error": why,
             "server_health": _health(root), "max_tokens": a.max_tokens, "ignore_eos": a.ignore_eos,
             "chat": a.chat, "requests_per_level": a.requests, "duration_per_level_s": a.duration,
+            "mixed": a.mixed, "disconnect_rate": a.disconnect_rate,
             "timeout_s": a.timeout, "levels": levels, "errors_total": sum(lv["errors"] for lv in levels)}
 
 

@@ -36,6 +36,7 @@ import copy
 import inspect
 import json
 import logging
+import os
 import queue as thread_queue
 import secrets
 import threading
@@ -690,8 +691,17 @@ class TorchEngine:
 
     def stats(self) -> dict:
         return {"queue_depth": len(self._waiting), "running": self._running, "steps": self._steps,
-                "batched_steps": self._batched_steps, "max_rows": self._max_rows,
+                "batched_steps": self._batched_steps, "max_rows": self._max_rows, "memory_bytes": self._memory(),
                 "outcomes": self._outcomes.copy(), **({"stopped": self._dead} if self._dead else {})}
+
+    def _memory(self) -> int:
+        """Device memory held by tensors on a GPU, else this process's resident memory (what a soak watches)."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        try:
+            return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def is_ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closing

@@ -72,3 +72,21 @@ def test_launch_starts_benchmarks_and_stops_the_server(tiny_model_dir, tmp_path,
     r = json.loads(out.read_text())
     _levels_ok(r)
     assert r["launched"]["model"] == str(tiny_model_dir) and r["server_health"]["max_batch_size"] == 2
+
+
+def test_soak_mixed_lengths_disconnects_and_memory(tiny_model_dir, tmp_path):
+    """The soak's ingredients on a small scale: random lengths, clients that hang up, memory read from /health."""
+    out = tmp_path / "serve-soak.json"
+    assert cli.main(["serve", "--launch", str(tiny_model_dir), "--concurrency", "6", "--duration", "8",
+                     "--max-tokens", "48", "--mixed", "--disconnect-rate", "0.3", "--sample-memory", "0.25",
+                     "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    lv = r["levels"][0]
+    assert lv["errors"] == 0 and lv["ok"] > 0 and lv["disconnected"] > 0 and r["mixed"] is True
+    assert lv["ok"] + lv["disconnected"] == lv["requests"]
+    assert lv["output_tokens"] < 48 * lv["ok"]  # lengths were drawn (ignore_eos would give 48 each)
+    mem = lv["memory"]
+    assert mem["samples"] >= 10 and 0 < mem["first_bytes"] <= mem["max_bytes"]
+    health = r["server_health"]
+    assert health["outcomes"].get("client_closed_request", 0) >= 1  # the server saw the hang-ups
+    assert health["running"] == 0  # every hung-up request was dropped from the batch
