@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import os
@@ -249,10 +250,13 @@ async def run_level(cfg: LoadConfig, concurrency: int, requests: int | None, dur
             httpx.AsyncClient(timeout=10.0) as side:
         sampler = asyncio.create_task(sample_memory(side)) if cfg.sample_memory_s else None
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0  # before the sampler's last sleep
         running = False
         if sampler is not None:
-            await sampler
-    level = summarize_level(concurrency, outcomes, time.perf_counter() - t0)
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+    level = summarize_level(concurrency, outcomes, wall)
     if memory:
         level["memory"] = memory_trend(memory)
     return level

@@ -201,7 +201,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     from .block_recon import BlockReconConfig
     from .learner import CHECKPOINT, LearnerConfig
     from .models import load_model
-    from .pipeline import CalibConfig, PruneJob, method_label, run_prune, validate_job
+    from .pipeline import PRIOR, REFIT_SOURCE, CalibConfig, PruneJob, method_label, run_prune, validate_job
 
     device = _device(a.device)
     job = PruneJob(method=a.method, nm=a.nm, targets=a.targets,
@@ -227,7 +227,8 @@ def cmd_prune(a: argparse.Namespace) -> dict:
         model, tok = load_model(a.model, _dtype(a.dtype, device), device)
     workdir = Path(a.workdir) if a.workdir else Path(str(a.out).rstrip("/") + ".work")
     if a.restart and group.is_main:
-        (workdir / CHECKPOINT).unlink(missing_ok=True)
+        for name in (CHECKPOINT, PRIOR, REFIT_SOURCE):  # start over means the cached prior and re-fit too
+            (workdir / name).unlink(missing_ok=True)
     distributed.barrier()
     torch.manual_seed(a.seed)
     outcome = run_prune(model, tok, job, workdir=workdir if a.method == "maskpro" else None,

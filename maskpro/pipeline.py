@@ -228,10 +228,12 @@ PRIOR = "prior.safetensors"
 REFIT_SOURCE = "refit-source.safetensors"
 
 
-def _prior_key(job: PruneJob, nm: NM) -> dict:
-    """What the one-shot prior depends on: a cached prior is used only when all of it matches."""
-    return {"init": job.init, "nm": str(nm), "calib": asdict(job.calib), "targets": job.targets,
-            "calib_file": job.calib_file, "decided": job.learn_on != "dense"}
+def _prior_key(job: PruneJob, nm: NM, model, layers: dict) -> dict:
+    """What the one-shot prior depends on, the model included: a cached prior is used only when all matches."""
+    weight = next(iter(layers.values())).weight
+    return {"model": str(getattr(model.config, "_name_or_path", "")), "dtype": str(weight.dtype),
+            "layers": sorted(layers), "init": job.init, "nm": str(nm), "calib": asdict(job.calib),
+            "targets": job.targets, "calib_file": job.calib_file, "decided": job.learn_on != "dense"}
 
 
 def _cached(path: Path | None, key: dict, resume: bool) -> tuple[dict, dict] | None:
@@ -255,7 +257,7 @@ def _prior(model, job: PruneJob, nm: NM, layers: dict, windows, workdir, resume:
     directory so a resumed run does not compute it again (SparseGPT: minutes on a GPU, about half an hour on
     a CPU). The model's target layers end as the one-shot method left them."""
     path = Path(workdir) / PRIOR if workdir else None
-    key = _prior_key(job, nm)
+    key = _prior_key(job, nm, model, layers)
     hit = _cached(path, key, resume)
     if hit is not None:
         tensors, meta = hit
@@ -285,7 +287,7 @@ def _refitted_source(model, job: PruneJob, layers: dict, dense: dict[str, torch.
     Saved in the work directory before learning starts, so a resumed run learns on exactly the same weights
     (a GPU re-fit is not bit-for-bit repeatable) without re-fitting again."""
     cached = Path(workdir) / REFIT_SOURCE if workdir else None
-    key = {"block": asdict(job.block), "prior": _prior_key(job, NM.parse(job.nm))}
+    key = {"block": asdict(job.block), "prior": _prior_key(job, NM.parse(job.nm), model, layers)}
     hit = _cached(cached, key, resume)
     if hit is not None and set(hit[0]) == set(layers):
         tensors, meta = hit

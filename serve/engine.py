@@ -32,6 +32,7 @@ full attention, the dynamic cache above is used (``kv_cache="static"`` forces sl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import inspect
 import json
@@ -461,13 +462,27 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
 
 
 MAX_FAILED_STEPS = 3  # failed steps in a row after which the engine counts as broken
+# CUDA errors after which this process cannot use its device again (the context is lost)
+_STICKY = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+           "illegal instruction", "hardware stack error")
+
+
+class _ForwardOutOfMemory(Exception):
+    """The model's forward pass ran out of device memory (nothing was sampled or emitted yet)."""
+
+
+@contextlib.contextmanager
+def _forward_memory():
+    """Mark an out-of-memory error as the forward's, the only place a retry or a shed is safe to follow."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise _ForwardOutOfMemory(str(e).splitlines()[0] if str(e) else "out of memory") from None
 
 
 def _sticky(e: BaseException) -> bool:
-    """Errors after which the device cannot be used by this process again (CUDA's sticky errors)."""
     text = str(e)
-    return type(e).__name__ == "AcceleratorError" or "illegal memory access" in text or \
-        "device-side assert" in text or "CUDA error: unspecified launch failure" in text
+    return any(s in text for s in _STICKY)
 
 
 def _select(batch: _Batch, keep: list[int]) -> _Batch | None:
@@ -704,7 +719,7 @@ class TorchEngine:
             return 0
 
     def is_ready(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._closing
+        return self._thread is not None and self._thread.is_alive() and not self._closing and self._dead is None
 
     # --------------------------------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -907,31 +922,39 @@ class TorchEngine:
             try:
                 self._decode()
                 break
-            except torch.OutOfMemoryError:
-                self._shed_largest()
+            except _ForwardOutOfMemory:
+                pass  # shed outside the handler, which still holds the failed step's tensors
+            self._shed_largest()
         self._running = self._batch.size if self._batch is not None else 0
         self._steps += 1
 
     def _join(self, new: list[_Request]) -> None:
-        """Prefill newcomers and add them to the batch. Out of memory, a group is retried one request at a
-        time, so only a request that does not fit alone fails; the running rows are never touched."""
+        """Prefill newcomers and add them to the batch. When the model's forward runs out of memory, a group is
+        retried one request at a time, so only a request that does not fit alone fails; the running rows are
+        never touched. Until the group is in the batch it stays in ``_prefilling``, which a failure fails."""
         self._prefilling = new
         try:
             group = self._prefill(new) if self._decoder is None else self._prefill_slots(new)
-        except torch.OutOfMemoryError:
-            self._prefilling = []
+        except _ForwardOutOfMemory:
+            group = _ForwardOutOfMemory  # recover outside the handler, which still holds the failed tensors
+        if group is _ForwardOutOfMemory:
             self._free_memory()
-            if len(new) > 1:
-                for r in new:
-                    self._join([r])
+            if len(new) == 1:
+                self._prefilling = []
+                self._end(new[0], OutOfMemoryError(f"out of device memory while reading this "
+                                                   f"{len(new[0].prompt_ids)}-token prompt beside the requests "
+                                                   "running now; retry later or send a shorter prompt"))
                 return
-            self._end(new[0], OutOfMemoryError(f"out of device memory while reading this {len(new[0].prompt_ids)}"
-                                               "-token prompt beside the requests running now; retry later or "
-                                               "send a shorter prompt"))
+            for i, r in enumerate(new):
+                try:
+                    self._join([r])
+                except Exception:
+                    self._prefilling = new[i:]  # the rest are failed with it, none left waiting
+                    raise
             return
-        self._prefilling = []  # (left set on other errors: the worker fails them)
         if group is not None:
             self._batch = group if self._batch is None else _merge(self._batch, group)
+        self._prefilling = []
 
     def _free_memory(self) -> None:
         if self.device.type == "cuda":
@@ -957,9 +980,10 @@ class TorchEngine:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self._cache_kw: cache}, **kwargs)
-        return out.logits[:, -1, :].float()
+        with _forward_memory():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{self._cache_kw: cache}, **kwargs)
+            return out.logits[:, -1, :].float()
 
     def _prefill(self, reqs: list[_Request]) -> _Batch | None:
         from transformers import DynamicCache
@@ -989,7 +1013,8 @@ class TorchEngine:
         for r in reqs:
             self._init_request(r)
         first = self._batch.size if self._batch is not None else 0
-        logits = self._decoder.prefill([r.prompt_ids for r in reqs], first, self.pad_id)
+        with _forward_memory():
+            logits = self._decoder.prefill([r.prompt_ids for r in reqs], first, self.pad_id)
         group = _Batch(list(reqs), self._decoder.cache.from_slot(first), None,
                        torch.zeros(len(reqs), dtype=torch.long, device=self.device))
         group = self._sample_and_emit(group, logits)
@@ -999,7 +1024,9 @@ class TorchEngine:
         batch = self._batch
         if self._decoder is not None:
             positions = [len(r.prompt_ids) + len(r.generated) - 1 for r in batch.reqs]
-            self._batch = self._sample_and_emit(batch, self._decoder.step(batch.next_tokens, positions))
+            with _forward_memory():
+                logits = self._decoder.step(batch.next_tokens, positions)
+            self._batch = self._sample_and_emit(batch, logits)
             return
         positions = torch.tensor([[len(r.prompt_ids) + len(r.generated) - 1] for r in batch.reqs],
                                  dtype=torch.long, device=self.device)

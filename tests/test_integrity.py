@@ -77,9 +77,10 @@ def _flip_byte(path, at: float = 0.6) -> None:
     """Change one byte; in text, one letter into another (the file still parses)."""
     data = bytearray(path.read_bytes())
     i = int(len(data) * at)
-    if path.suffix == ".json":
+    if path.suffix == ".json":  # a letter inside a string (not of true/false/null), so it still parses
+        i = data.index(b'"', i) + 1
         while not (data[i] < 128 and chr(data[i]).isalpha()):
-            i += 1
+            i = data.index(b'"', i + 1) + 1
         data[i] = ord("q") if data[i] != ord("q") else ord("z")
     else:
         data[i] ^= 0x01

@@ -51,7 +51,12 @@ def _inject(engine: TorchEngine, fault) -> None:
 def _run_together(engine: TorchEngine, prompts: list[str]) -> dict[str, object]:
     """Submit all prompts at once (one admission) and collect each completion or error."""
     results: dict[str, object] = {}
-    handles = [(p, engine.submit(engine.encode_prompt(p), GREEDY, loop=None)) for p in prompts]
+    handles = []
+    for p in prompts:
+        try:
+            handles.append((p, engine.submit(engine.encode_prompt(p), GREEDY, loop=None)))
+        except ServeError as e:  # refused at the door (e.g. the engine already stopped)
+            results[p] = e
 
     def wait(p, h):
         try:
