@@ -244,6 +244,42 @@ def test_parse_sparsity_log():
                                                               ["conv1"])
 
 
+# The formats of logs users posted from real builds (layer lists shortened): trtexec 8.x with --verbose
+# (NVIDIA/TensorRT#2169, 2022: eligible MatMuls and a Gemm, none picked; #4054, 2024: fused "Conv + Relu"
+# names), the Python logger of TensorRT 8.0 (NVIDIA/TensorRT#1403) and an empty pair (pytorch/TensorRT#1340).
+PUBLIC_LOGS = {
+    "trtexec-8.4-none-picked": (
+        "[07/19/2022-11:58:20] [I] [TRT] (Sparsity) Layers eligible for sparse math: Conv_22, MatMul_51, "
+        "MatMul_69, Gemm_725\n"
+        "[07/19/2022-11:58:20] [I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers:\n",
+        ["Conv_22", "MatMul_51", "MatMul_69", "Gemm_725"], []),
+    "trtexec-8.6-fused": (
+        "[08/05/2024-12:06:54] [I] [TRT] (Sparsity) Layers eligible for sparse math: MatMul_401, "
+        "Conv_619 + Relu_620, Conv_621 + Add_627 + Relu_628\n"
+        "[08/05/2024-12:06:54] [I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: "
+        "Conv_621 + Add_627 + Relu_628\n",
+        ["MatMul_401", "Conv_619 + Relu_620", "Conv_621 + Add_627 + Relu_628"], ["Conv_621 + Add_627 + Relu_628"]),
+    "python-logger-8.0": (
+        "[TensorRT] INFO: (Sparsity) Layers eligible for sparse math: Conv_0\n"
+        "[TensorRT] INFO: (Sparsity) TRT inference plan picked sparse implementation for layers:\n",
+        ["Conv_0"], []),
+    "trtexec-empty": (
+        "[09/16/2022-09:55:37] [I] [TRT] Total Activation Memory: 7864832\n"
+        "[09/16/2022-09:55:37] [I] [TRT] (Sparsity) Layers eligible for sparse math:\n"
+        "[09/16/2022-09:55:37] [I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers:\n"
+        "[09/16/2022-09:55:38] [I] Engine built in 31.1935 sec.\n",
+        [], []),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_LOGS))
+def test_parse_sparsity_log_on_public_log_formats(name):
+    text, eligible, picked = PUBLIC_LOGS[name]
+    r = parse_sparsity_log(text)
+    assert r.logged and r.eligible == eligible and r.picked == picked
+    assert r.not_picked == [n for n in eligible if n not in picked]
+
+
 def test_parse_sparsity_log_empty_and_missing():
     empty = parse_sparsity_log(["[I] [TRT] (Sparsity) Layers eligible for sparse math:",
                                 "[I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers:"])
