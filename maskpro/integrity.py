@@ -5,7 +5,8 @@ as a size that disagrees with its header, or a header that does not parse; a JSO
 Header checks read headers only. Beyond them, every folder maskpro writes records the size and sha256 of each
 of its files in its metadata (``"files"`` in maskpro.json, or in an export's report), and every reader
 verifies them before loading: a bit flipped inside a tensor, or a file swapped for another, is caught too.
-Hashing runs at about a GB/s per core, a small fraction of what loading the same bytes costs.
+A command often opens one folder several times (check, then export, then reload); a file's hash is kept per
+process for as long as its size and modification time stay the same, so it is read once.
 """
 
 from __future__ import annotations
@@ -67,17 +68,24 @@ def check_folder_files(folder: str | os.PathLike) -> None:
     for name in JSON_FILES:
         if (folder / name).is_file():
             read_json(folder / name)
-    verify_recorded(folder, "maskpro.json")
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in sorted(folder.glob("*.safetensors")):  # cheap header checks before any file is hashed
         check_safetensors(f)
+    verify_recorded(folder, "maskpro.json")
+
+
+_HASHED: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256, for this process
 
 
 def sha256(path: Path, chunk: int = 16 * 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+        _HASHED[key] = h.hexdigest()
+    return _HASHED[key]
 
 
 def digest_files(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str, dict]:

@@ -714,7 +714,8 @@ class TorchEngine:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
         try:
-            return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
             return 0
 
