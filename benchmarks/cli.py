@@ -33,6 +33,8 @@ SUBCOMMANDS = {
                                "with wall times"),
     "gpu-tests": ("gpu_tests", "every GPU-marked and vLLM test on this machine, recorded per test with the "
                                "commit and device"),
+    "random-model": ("random_model", "a stand-in model at a real model's shapes (random weights, 2:4 or dense) "
+                                     "for serving and soak runs"),
     "report": ("report", "Markdown summary (SUMMARY.md) and PNG plots of all results JSON"),
 }
 

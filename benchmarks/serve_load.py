@@ -224,6 +224,7 @@ async def run_level(cfg: LoadConfig, concurrency: int, requests: int | None, dur
 
     rng = random.Random(cfg.seed + concurrency)
     memory: list[tuple[float, int]] = []
+    host: list[tuple[float, int]] = []
     running = True
 
     async def client_loop(client: httpx.AsyncClient) -> None:
@@ -238,9 +239,10 @@ async def run_level(cfg: LoadConfig, concurrency: int, requests: int | None, dur
         root = cfg.base_url.rstrip("/").removesuffix("/v1")
         while running:
             try:
-                value = (await client.get(root + "/health")).json().get("memory_bytes")
-                if value is not None:
-                    memory.append((round(time.perf_counter() - t0, 2), int(value)))
+                health, now = (await client.get(root + "/health")).json(), round(time.perf_counter() - t0, 2)
+                for key, series in (("memory_bytes", memory), ("host_memory_bytes", host)):
+                    if health.get(key) is not None:
+                        series.append((now, int(health[key])))
             except (httpx.HTTPError, ValueError):
                 pass
             await asyncio.sleep(cfg.sample_memory_s)
@@ -259,6 +261,8 @@ async def run_level(cfg: LoadConfig, concurrency: int, requests: int | None, dur
     level = summarize_level(concurrency, outcomes, wall)
     if memory:
         level["memory"] = memory_trend(memory)
+    if host:
+        level["host_memory"] = memory_trend(host)
     return level
 
 

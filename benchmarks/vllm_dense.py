@@ -22,16 +22,20 @@ import tempfile
 import time
 
 
-def measure(config_dir: str, points: list[tuple[int, int]], new: int, reps: int, dtype: str) -> dict:
+def measure(config_dir: str, points: list[tuple[int, int]], new: int, reps: int, dtype: str,
+            real_weights: bool = False, quantization: str | None = None) -> dict:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     import vllm
 
-    llm = LLM(model=config_dir, load_format="dummy", dtype=dtype, max_model_len=max(p for _, p in points) + new + 16,
+    t0 = time.perf_counter()
+    llm = LLM(model=config_dir, load_format="auto" if real_weights else "dummy", quantization=quantization,
+              dtype=dtype, max_model_len=max(p for _, p in points) + new + 16,
               skip_tokenizer_init=True, enable_prefix_caching=False, max_num_seqs=max(b for b, _ in points),
               gpu_memory_utilization=0.85, seed=0)
+    startup_s = time.perf_counter() - t0
     first = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
     whole = SamplingParams(max_tokens=new + 1, ignore_eos=True, temperature=0.0, detokenize=False)
     gen = torch.Generator().manual_seed(0)
@@ -61,7 +65,23 @@ def measure(config_dir: str, points: list[tuple[int, int]], new: int, reps: int,
                      "ttft_ms_all": ttft, "total_ms_all": total})
         print(f"vllm dense batch {b} prompt {p}: ttft {t:.2f} ms, decode {(w - t) / new:.3f} ms/step",
               file=sys.stderr, flush=True)
-    return {"vllm": vllm.__version__, "mode": "default (torch.compile + CUDA graphs)", "rows": rows}
+    return {"vllm": vllm.__version__, "mode": "default (torch.compile + CUDA graphs)", "quantization": quantization,
+            "weights": config_dir if real_weights else "dummy", "startup_s": startup_s,
+            "weights_gib": _weights_gib(llm), "rows": rows}
+
+
+def _tensor_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _weights_gib(llm) -> float | None:
+    """GiB of the model's parameters and buffers in the engine's worker (LLM.apply_model; None where this vLLM
+    cannot ship the function to its worker process)."""
+    try:
+        sizes = llm.apply_model(_tensor_bytes)
+        return sizes[0] / 2**30
+    except Exception:  # noqa: BLE001 - an engine layout this vLLM does not expose: report nothing
+        return None
 
 
 def main() -> int:
@@ -71,6 +91,9 @@ def main() -> int:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dtype", default="float16")
+    p.add_argument("--model", default=None, help="a model folder to load with its real weights (default: dummy "
+                                                 "weights at --config's shapes)")
+    p.add_argument("--quantization", default=None, help="vLLM quantization method, e.g. maskpro (the plugin)")
     a = p.parse_args()
     from maskpro.errors import run_cli
 
@@ -79,10 +102,13 @@ def main() -> int:
 
     def body() -> None:
         points = parse_points(a.points)
-        with tempfile.TemporaryDirectory() as d:
-            shape = resolve(a.config)
-            shape.llama_config(max_position_embeddings=max(p for _, p in points) + a.new + 64).save_pretrained(d)
-            out = measure(d, points, a.new, a.reps, a.dtype)
+        if a.model:
+            out = measure(a.model, points, a.new, a.reps, a.dtype, real_weights=True, quantization=a.quantization)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                shape = resolve(a.config)
+                shape.llama_config(max_position_embeddings=max(p for _, p in points) + a.new + 64).save_pretrained(d)
+                out = measure(d, points, a.new, a.reps, a.dtype, quantization=a.quantization)
         print(json.dumps(out))
     return run_cli("vllm_dense", body, "nothing measured")
 

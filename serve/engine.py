@@ -528,6 +528,15 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return parse_dtype(name)
 
 
+def _rss() -> int:
+    """This process's resident memory in bytes (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class TorchEngine:
     """A Hugging Face causal LM served from one worker thread with continuous batching (see module doc)."""
 
@@ -707,17 +716,13 @@ class TorchEngine:
     def stats(self) -> dict:
         return {"queue_depth": len(self._waiting), "running": self._running, "steps": self._steps,
                 "batched_steps": self._batched_steps, "max_rows": self._max_rows, "memory_bytes": self._memory(),
-                "outcomes": self._outcomes.copy(), **({"stopped": self._dead} if self._dead else {})}
+                "host_memory_bytes": _rss(), "outcomes": self._outcomes.copy(), **({"stopped": self._dead} if self._dead else {})}
 
     def _memory(self) -> int:
         """Device memory held by tensors on a GPU, else this process's resident memory (what a soak watches)."""
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device))
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return 0
+        return _rss()
 
     def is_ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closing and self._dead is None

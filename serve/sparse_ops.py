@@ -74,14 +74,14 @@ def expand_into(out: torch.Tensor, tiles: torch.Tensor, positions: torch.Tensor)
     return out
 
 
-_SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+_SCRATCH: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
 
 
 def reserve_scratch(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The shared expansion buffer of ``device`` (at least ``numel`` elements): one layer's dense weight at a
     time, reused by every layer, so prefill holds one dense layer, never a dense model. Reserve it before any
     graph capture: growing it inside a capture would allocate from the graph's pool."""
-    key = (device.index or 0, dtype)
+    key = (device.type, device.index or 0, dtype)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
         buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)

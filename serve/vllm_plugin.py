@@ -15,7 +15,8 @@ registers a quantization method ``"maskpro"`` whose linear method loads the same
 compresses every maskpro target to (values, meta) with ``maskpro.serve.sparse_linear.compress_24``. Where
 the GPU runs maskpro's ``mma.sp`` kernel (sm_80+, NVRTC) and the shape tiles (out % 16, in % 128), those bytes
 are stored in the kernel's fragment order and run with ``sparse_linear_mma`` (the kernel at 1-16 tokens, 1.5-1.8x
-cuBLAS on Llama-2-7B shapes; the expanded weight beyond); otherwise with ``sparse_linear`` (the Triton kernel at
+cuBLAS on Llama-2-7B shapes; beyond, the weight expanded into one buffer all layers share, so no dense copy
+is held and every size vLLM captures in a CUDA graph replays); otherwise with ``sparse_linear`` (the Triton kernel at
 1-16 tokens). Nothing in the checkpoint changes.
 
 Enable it
@@ -393,6 +394,12 @@ def _mma_kernels() -> tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., 
             lambda out, k: sparse_mma.mma_ok(out, k, sparse_mma.DEFAULT_CONFIG))
 
 
+def _reserve_mma(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> None:
+    from maskpro.serve.sparse_linear import reserve_mma
+
+    reserve_mma(out_features, in_features, dtype, device)
+
+
 _OPS: dict[str, Any] = {}
 
 
@@ -424,7 +431,7 @@ def _register_op() -> Any:
 
 def _register_mma_op() -> Any:
     """The op over the ``mma.sp`` fragment order: maskpro's ``sparse_linear_mma`` (which expands the weight
-    where the kernel cannot run)."""
+    into one shared buffer where the kernel cannot run)."""
     def linear() -> Callable[..., Tensor]:
         from maskpro.serve.sparse_linear import sparse_linear_mma
 
@@ -516,6 +523,7 @@ def vllm_classes() -> tuple[type, type]:
                     values, meta = compress_weight(weight)
                     if mma is not None:  # the same bytes in the instruction's fragment order
                         values, meta = mma[0](values, meta)
+                        _reserve_mma(*weight.shape, weight.dtype, weight.device)  # before vLLM captures graphs
                 except Exception as e:  # a shape or dtype the kernels refuse: serve it dense instead
                     plan = LayerPlan(False, f"compress_24 refused it ({type(e).__name__}: "
                                             f"{str(e).splitlines()[0] if str(e) else ''})")

@@ -38,10 +38,13 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_path):
+def smollm2_tokenizer(request):
+    """SmolLM2's tokenizer; MASKPRO_TEST_TOKENIZER may name a folder with just its files (the GPU machine,
+    which lacks the 98 MB GGUF, runs the tiny-model tests with it)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(smollm2_path))
+    folder = os.environ.get("MASKPRO_TEST_TOKENIZER") or request.getfixturevalue("smollm2_path")
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 # this checkout (no dependencies: the image has them) so maskpro.serve and maskpro.bench import.
 mkdir -p /tmp/v
 for part in c1 c2 c3; do [ -d .xfer/v/$part ] && cp -rn .xfer/v/$part /tmp/v/; done
-if [ -d /tmp/v/c3 ] && [ ! -d /tmp/site/vllm ]; then
+if [ -d /tmp/v/c1 ] && [ -d /tmp/v/c2 ] && [ -d /tmp/v/c3 ] && [ ! -d /tmp/site/vllm ]; then
   cat /tmp/v/c1/vllm.whl.part0 /tmp/v/c2/vllm.whl.part1 /tmp/v/c3/vllm.whl.part2 \
     > /tmp/vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
