@@ -4,7 +4,7 @@
 
 Peak memory is the child's maximum resident set size (getrusage); the baseline is a child that only
 imports the same libraries, so "above baseline" is what the export itself holds. The ratio to the source
-weights' bytes is the figure the export issue bounds (under 2x). Writes ``results/export-<tag>.json``.
+weights' bytes is the figure the export's memory target bounds (under 2x). Writes ``results/export-<tag>.json``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Mask-learning cost versus model size: ms per MaskPro step, peak memory, and what MaskLLM would need.
 
   maskpro-bench learn                                   # GPU: smollm2, llama-1b, llama2-7b:8, llama2-7b
-  maskpro-bench learn --configs smollm2 --steps 300 --naive-steps 10   # the README's learner table
+  maskpro-bench learn --configs smollm2 --steps 300 --naive-steps 10   # docs/results.md's learner table
   maskpro-bench learn                                   # CPU: the tiny config, a few steps
 
 ``--configs``: ``smollm2`` is the real SmolLM2-135M-Instruct (``--model`` picks another folder) learning on

@@ -44,7 +44,7 @@ from maskpro.zeroshot import evaluate_zeroshot
 
 from .env import add_output_args, environment, fill_defaults, merge_json, output_path
 
-# The full settings (the README's table) and the quick ones; options left unset take one of these.
+# The full settings (the table of docs/results.md) and the quick ones; options left unset take one of these.
 FULL = {"calib_samples": 128, "calib_seq_len": 2048, "steps": 10000, "batch_size": 32, "seq_len": 128,
         "n_docs": 512, "ppl_seq_len": 2048, "ppl_windows": None, "zeroshot": "all", "zs_limit": None}
 QUICK = {"calib_samples": 4, "calib_seq_len": 128, "steps": 5, "batch_size": 4, "seq_len": 32, "n_docs": 16,

@@ -1,1 +1,1 @@
-"""Export stage (``maskpro.export``): pattern check, ONNX, TensorRT and vLLM checkpoints (issue: export)."""
+"""Export stage (``maskpro.export``): pattern check, ONNX, TensorRT and vLLM checkpoints."""

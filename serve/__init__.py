@@ -1,1 +1,1 @@
-"""Serving layer (``maskpro.serve``): sparse runtime and OpenAI-compatible server (issue: runtime-serve)."""
+"""Serving layer (``maskpro.serve``): sparse runtime and OpenAI-compatible server."""

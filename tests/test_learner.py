@@ -99,7 +99,7 @@ def test_unknown_loss_is_refused():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the forward is graph-replayed there)")
 def test_cuda_graph_forward_learns_what_the_eager_forward_learns():
-    """The README's learner speed comes from replaying the forward from a CUDA graph: same losses and masks."""
+    """The learner speed in docs/results.md is of a forward replayed from a CUDA graph: same losses and masks."""
     def run(graph: bool):
         prior = prune(tiny_llama(), "magnitude", NM(2, 4)).masks
         model = tiny_llama().cuda()

@@ -1,4 +1,4 @@
-# Sourced at the start of every device call (see benchmarks/README.md, "Running on the GPU machine").
+# Sourced at the start of every device call (see docs/benchmarks.md, "Running on the GPU machine").
 # The SmolLM2 GGUF (98 MB) exceeds one call's 64 MiB, so call 1 leaves its first half in /tmp/m and
 # call 2 brings the second half plus the gguf wheel; later calls on the warm machine reuse /tmp/m.
 set -e

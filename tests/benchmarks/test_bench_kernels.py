@@ -54,7 +54,7 @@ def test_llama2_7b_shapes():
                                      "4096x11008": ["gate_proj", "up_proj"], "11008x4096": ["down_proj"]}
     assert shape.linear_weights() == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     assert configs.resolve("llama2-7b:8").num_hidden_layers == 8
-    assert configs.resolve("smollm2-135m").linear_weights() == 106_168_320  # the README's count
+    assert configs.resolve("smollm2-135m").linear_weights() == 106_168_320  # the count in docs/results.md
 
 
 def test_shapes_from_a_model_folder(tiny_model_dir):

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 from maskpro.bench import cli
 from maskpro.bench.env import RESULTS
 from maskpro.bench.report import render
+
+# The checkout holding this test: its README and docs quote its committed results (the installed maskpro.bench,
+# hence RESULTS, may come from another checkout).
+ROOT = Path(__file__).resolve().parents[2]
 
 ENV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "cuda": "13.0", "driver": "580.1", "triton": "3.5.0",
        "git_commit": "abc123", "date": "2026-01-01T00:00:00+00:00"}
@@ -115,24 +121,78 @@ def test_report_renders_fixture_json(tmp_path):
         assert (tmp_path / f"{name}.png").is_file() and f"![{name}]({name}.png)" in md
 
 
-def readme_quality_figures() -> list[str]:
-    """The WikiText-2 and C4 perplexities of the README's results table, as the README prints them."""
-    section = (RESULTS.parent.parent / "README.md").read_text().split("## Results")[1]
+def quality_table_figures() -> list[str]:
+    """The WikiText-2 and C4 perplexities of the quality results table (docs/results.md), as printed there."""
+    section = (ROOT / "docs" / "results.md").read_text().split("## Quality results")[1]
     table = section[section.index("| method"):].split("\n\n")[0]  # the first table of the section
     rows = [l for l in table.splitlines() if not l.startswith(("| method", "|---"))]
     return [c.strip().strip("*") for r in rows for c in r.strip("|").split("|")[1:3]]
 
 
 def test_report_of_committed_results_is_current(tmp_path):
-    """SUMMARY.md (which the README links) matches the committed JSON; rerun `maskpro-bench report` if not."""
+    """SUMMARY.md (which the README links) matches the committed JSON; rerun `maskpro-bench report` if not.
+    Every figure of the quality results table (docs/results.md) is in it."""
     assert (RESULTS / "SUMMARY.md").read_text() == render(RESULTS), \
         "benchmarks/results/SUMMARY.md is stale: run `maskpro-bench report --plots none` and commit it"
-    summary = (RESULTS / "SUMMARY.md").read_text()
-    figures = readme_quality_figures()
+    summary = (ROOT / "benchmarks" / "results" / "SUMMARY.md").read_text()
+    figures = quality_table_figures()
     assert len(figures) >= 24 and "43.29" in figures
-    assert [f for f in figures if f not in summary] == [], "a README figure is in no committed result"
+    assert [f for f in figures if f not in summary] == [], "a figure of docs/results.md is in no committed result"
     # rendering elsewhere reads only: a copy renders the same text with no file written next to the results
     copy = tmp_path / "results"
     shutil.copytree(RESULTS, copy)
     assert cli.main(["report", "--results", str(copy), "--plots", "none", "--out", str(tmp_path / "S.md")]) == 0
     assert (tmp_path / "S.md").read_text() == render(RESULTS)
+
+
+# Every figure the README quotes, with the committed result it comes from:
+# (as printed, result file, path to the value in its JSON, divisor: 60 for seconds printed as minutes).
+VS_VLLM = "vs-vllm-dense.json"
+QUALITY = "quality-smollm2-2of4.json"
+CPU_QUICK = "cpu-quick.json"
+README_FIGURES = [
+    ("7.27 GiB", VS_VLLM, ("weights_gib", "sparse"), 1),
+    ("12.55 GiB", VS_VLLM, ("weights_gib", "dense"), 1),
+    ("1.60x", VS_VLLM, ("rows", 0, "speedup"), 1),  # batch 1
+    ("1.53x", VS_VLLM, ("rows", 1, "speedup"), 1),  # batch 4
+    ("1.23x", VS_VLLM, ("rows", 2, "speedup"), 1),  # batch 16
+    ("1.52x", VS_VLLM, ("rows", 0, "speedup_vs_strongest_dense"), 1),
+    ("1.48x", VS_VLLM, ("rows", 1, "speedup_vs_strongest_dense"), 1),
+    ("0.71x", VS_VLLM, ("rows", 3, "speedup"), 1),  # batch 64
+    ("1.45x", VS_VLLM, ("rows", 0, "ttft_vs_strongest_dense"), 1),
+    ("43.29", QUALITY, ("methods", "maskpro@sparsegpt-block-12k", "wikitext2_ppl"), 1),  # the main job
+    ("98.94", QUALITY, ("methods", "sparsegpt", "wikitext2_ppl"), 1),
+    ("21.61", QUALITY, ("methods", "dense", "wikitext2_ppl"), 1),
+    ("43.86", QUALITY, ("methods", "sparsegpt+block", "wikitext2_ppl"), 1),
+    ("5.5 minutes", QUALITY, ("methods", "maskpro@sparsegpt-block-12k", "prune_s"), 60),
+    ("6.6 minutes", CPU_QUICK, ("rows", 2, "prune_s"), 60),  # the cpu-quick preset
+    ("154.7", CPU_QUICK, ("rows", 2, "perplexity", "wikitext2"), 1),
+    ("194.2", CPU_QUICK, ("rows", 1, "perplexity", "wikitext2"), 1),  # SparseGPT, same calibration
+    ("36.6", CPU_QUICK, ("rows", 0, "perplexity", "wikitext2"), 1),  # dense
+]
+
+
+def readme_prose_decimals(text: str) -> list[str]:
+    """Decimal figures in the README outside code blocks and code spans, versions and identifiers left out."""
+    text = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+    prose = " ".join(line for line in text.splitlines() if not line.startswith("    "))  # indented: code
+    prose = re.sub(r"`[^`]*`", "", prose)
+    prose = re.sub(r"(arXiv|vLLM) \d+\.\d+", "", prose)
+    return re.findall(r"(?<!\d)(?<!\d\.)\d+\.\d+(?!\.?\d)", prose)  # a sentence may end right after one
+
+
+def test_readme_figures_are_committed_results():
+    """Every figure the README quotes is a committed result's value, rounded as printed; no figure goes unchecked."""
+    readme = (ROOT / "README.md").read_text()
+    printed = set()
+    for text, name, path, divisor in README_FIGURES:
+        assert text in readme, f"the README no longer quotes {text!r}: update README_FIGURES"
+        value = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+        for key in path:
+            value = value[key]
+        number = text.split()[0].rstrip("x")
+        decimals = len(number.split(".")[1])
+        assert f"{value / divisor:.{decimals}f}" == number, f"README {text!r}: {name} holds {value}"
+        printed.add(number)
+    unchecked = [f for f in readme_prose_decimals(readme) if f not in printed]
+    assert unchecked == [], f"README figures with no committed result in README_FIGURES: {unchecked}"
