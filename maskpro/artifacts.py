@@ -21,12 +21,11 @@ import torch
 from . import __version__
 from .checkpoint import atomic_path, load_tensors, save_json, save_tensors
 from .errors import MaskproError
-from .integrity import DIGEST_KEY, check_safetensors, digest_files, read_json, verify_files
+from .integrity import check_safetensors, verify_files
 from .nm import NM, pack_mask, unpack_mask
+from .schema import FORMAT, METADATA, SavedMeta, read_meta, write_meta
 
-METADATA = "maskpro.json"
 MASKS = "masks.safetensors"
-FORMAT = "maskpro/v1"
 
 
 def save_pruned(model, tokenizer, out_dir: str | os.PathLike, masks: dict[str, torch.Tensor], nm: NM,
@@ -58,10 +57,10 @@ def save_pruned(model, tokenizer, out_dir: str | os.PathLike, masks: dict[str, t
     return out_dir
 
 
-def seal(folder: Path, meta: dict) -> None:
-    """Write ``meta`` as the folder's maskpro.json with the size and sha256 of every other file: the last
-    write of any folder maskpro makes, so the record covers everything in it."""
-    save_json({**meta, DIGEST_KEY: digest_files(folder, skip=(METADATA,))}, folder / METADATA)
+def seal(folder: Path, meta: SavedMeta | dict) -> None:
+    """Write the folder's metadata with the size and sha256 of every other file (:func:`maskpro.schema.write_meta`):
+    the last write of any folder maskpro makes, so the record covers everything in it."""
+    write_meta(folder, meta)
 
 
 def _write_weight_index(folder: Path) -> None:
@@ -83,23 +82,21 @@ def _write_weight_index(folder: Path) -> None:
 
 
 def read_metadata(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / METADATA
-    if not path.is_file():
-        raise MaskproError(f"{folder} has no {METADATA}; it is not a maskpro output (run maskpro prune first)")
-    return read_json(path)
+    """The folder's metadata as its JSON dict (through :func:`maskpro.schema.read_meta`, which checks it)."""
+    return read_meta(folder).to_dict()
 
 
 def load_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The boolean masks (True = kept) saved with a pruned model."""
-    meta = read_metadata(folder)
+    meta = read_meta(folder)
     path = Path(folder) / MASKS
     if not path.is_file():
         raise MaskproError(f"{path} is missing; the maskpro output in {folder} is incomplete, prune again")
-    if MASKS in meta.get(DIGEST_KEY, {}):
-        verify_files(folder, {MASKS: meta[DIGEST_KEY][MASKS]}, METADATA)
+    if meta.files and MASKS in meta.files:
+        verify_files(folder, {MASKS: meta.files[MASKS]}, METADATA)
     check_safetensors(path)
     packed, _ = load_tensors(path)
-    return {name: unpack_mask(packed[name], tuple(meta["shapes"][name])) for name in meta["targets"]}
+    return {name: unpack_mask(packed[name], tuple(meta.shapes[name])) for name in meta.targets}
 
 
 def check_saved(folder: str | os.PathLike) -> tuple[NM, int]:
