@@ -154,7 +154,9 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve_torch(a: argparse.Namespace) -> int:
     from maskpro.models import resolve_model_path
 
-    from .engine import EngineConfig, TorchEngine, resolve_device
+    from .config import EngineConfig
+    from .engine import TorchEngine
+    from .loading import resolve_device
     from .server import ServerConfig, create_app
 
     threads = a.threads
@@ -166,7 +168,6 @@ def serve_torch(a: argparse.Namespace) -> int:
                        request_timeout_s=a.timeout, kv_cache=a.kv_cache, cuda_graphs=a.cuda_graphs, threads=threads,
                        runtime=a.runtime,
                        served_model_name=a.served_model_name)
-    cfg.validate()
     resolve_model_path(a.model)      # a bad folder or device fails before the port is taken
     resolve_device(a.device)
     sock = _bind(a.host, a.port)

@@ -112,7 +112,7 @@ def for_engine(model: torch.nn.Module, slots: int, capacity: int, dtype: torch.d
     Returns (decoder, what the engine reports as its sparsity, what it reports as its KV cache)."""
     from maskpro.errors import MaskproError
 
-    from .engine import STATIC_CACHE_SHARE
+    from .config import STATIC_CACHE_SHARE
     from .slot_cache import cache_bytes
 
     c = model.config

@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP API over a :class:`~maskpro.serve.engine.Backend` (FastAPI + prometheus-client).
+"""OpenAI-compatible HTTP API over a :class:`~maskpro.serve.request.Backend` (FastAPI + prometheus-client).
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream: true`` sends server-sent events ending with ``data: [DONE]``) and
@@ -10,47 +10,45 @@ model or route, 413 for an oversized body, 429 when the wait queue is full, 503 
 A streamed request waits for its first event before the response starts, so errors found before the
 first token (queue timeout, shutdown) still get their real status; an error after that arrives as a
 ``data: {"error": ...}`` event followed by ``data: [DONE]`` (what the openai client raises on).
+
+The request bodies are in :mod:`maskpro.serve.schemas`, the API key, body limit and request metrics in
+:mod:`maskpro.serve.guard` and :mod:`maskpro.serve.metrics`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import (
-    Backend,
+from .guard import Guard
+from .metrics import Metrics
+from .protocol import (
     Delta,
     Failed,
     Finished,
     InvalidRequestError,
     ModelNotFoundError,
-    RequestHandle,
-    SamplingParams,
     ServeError,
+    error_body,
 )
+from .request import Backend, RequestHandle
+from .schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest, template_messages
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ServerConfig", "create_app", "CompletionRequest", "ChatCompletionRequest"]
-
-ENDPOINTS = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics")
-_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+__all__ = ["ServerConfig", "create_app"]
 
 
 @dataclass
@@ -60,202 +58,6 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     shutdown_grace_s: float = 5.0
     api_key: str | None = None   # when set, /v1/* needs "Authorization: Bearer <key>" (/health, /metrics stay open)
-
-
-# ------------------------------------------------------------------------------------------ request models
-
-class _Strict(BaseModel):
-    # strict: "16" is not an int and 1 is not a bool, as in OpenAI's API; unknown fields are ignored
-    # (clients send vendor extensions) rather than refused.
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class StreamOptions(_Strict):
-    include_usage: bool = False
-
-
-class _Sampling(_Strict):
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    ignore_eos: bool = False  # vLLM's extension, for benchmarks
-
-    def sampling(self, max_tokens: int | None) -> SamplingParams:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 16 or any(not s for s in stops):
-            raise InvalidRequestError("stop takes up to 16 non-empty strings", param="stop")
-        if self.n != 1:
-            raise InvalidRequestError(f"n={self.n} is not supported (only n=1); send {self.n} requests",
-                                      param="n")
-        if self.logit_bias:
-            raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
-        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed, stop=tuple(stops), presence_penalty=self.presence_penalty,
-                              frequency_penalty=self.frequency_penalty, ignore_eos=self.ignore_eos)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-class ContentPart(_Strict):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-
-
-class ResponseFormat(_Strict):
-    type: str = "text"
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-class _Metrics:
-    """Prometheus series in a registry of this app's own (two apps in one process do not collide)."""
-
-    def __init__(self, backend: Backend):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("maskpro_serve_requests", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=r)
-        self.latency = Histogram("maskpro_serve_request_latency_seconds", "Time from request to last byte",
-                                 ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("maskpro_serve_time_to_first_token_seconds", "Time from request to first token",
-                              ["endpoint"], buckets=_TTFT_BUCKETS, registry=r)
-        self.generated = Counter("maskpro_serve_generated_tokens", "Completion tokens generated", registry=r)
-        self.prompt = Counter("maskpro_serve_prompt_tokens", "Prompt tokens processed", registry=r)
-        self.in_flight = Gauge("maskpro_serve_requests_in_flight", "HTTP requests being handled", registry=r)
-        queue = Gauge("maskpro_serve_queue_depth", "Requests waiting for a batch slot", registry=r)
-        queue.set_function(lambda: backend.stats().get("queue_depth", 0))
-        running = Gauge("maskpro_serve_running_batch_size", "Requests in the running decode batch", registry=r)
-        running.set_function(lambda: backend.stats().get("running", 0))
-        r.register(_OutcomeCollector(backend))
-
-
-class _OutcomeCollector:
-    """How the engine ended requests (stop, length, request_timeout, client_closed_request, ...)."""
-
-    def __init__(self, backend: Backend):
-        self.backend = backend
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        family = CounterMetricFamily("maskpro_serve_engine_requests", "Requests the engine ended, by outcome",
-                                     labels=["outcome"])
-        for outcome, n in sorted(self.backend.stats().get("outcomes", {}).items()):
-            family.add_metric([outcome], n)
-        yield family
-
-
-class _BodyTooLarge(StarletteHTTPException):
-    def __init__(self, limit: int):
-        super().__init__(413, f"the request body is larger than {limit} bytes")
-
-
-def authorized(headers: list[tuple[bytes, bytes]], api_key: str) -> bool:
-    """Whether the request carries ``Authorization: Bearer <api_key>``, compared in constant time (a timing
-    difference must not reveal how much of a guessed key was right)."""
-    value = dict(headers).get(b"authorization", b"")
-    scheme, _, token = value.partition(b" ")
-    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key.encode())
-
-
-class _Guard:
-    """ASGI middleware: the API key on /v1/* (401), body-size limit (413) and per-request metrics (count by
-    status, latency)."""
-
-    def __init__(self, app, metrics: _Metrics, max_body_bytes: int, api_key: str | None = None):
-        self.app = app
-        self.metrics = metrics
-        self.max_body = max_body_bytes
-        self.api_key = api_key
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        endpoint = path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
-        t0 = time.perf_counter()
-        status = [500]
-        self.metrics.in_flight.inc()
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            if self.api_key and path.startswith("/v1") and not authorized(scope.get("headers") or [], self.api_key):
-                await _send_json(send_wrapper, 401, _error_body(
-                    "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key the "
-                    "server was started with (--api-key or MASKPRO_API_KEY)", "invalid_request_error", None,
-                    "invalid_api_key"), headers=[(b"www-authenticate", b"Bearer")])
-                return
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body:
-                await _send_json(send_wrapper, 413, _error_body(str(_BodyTooLarge(self.max_body).detail),
-                                                                 "invalid_request_error", None,
-                                                                 "payload_too_large"))
-                return
-            received = [0]
-
-            async def limited_receive():
-                message = await receive()
-                if message["type"] == "http.request":
-                    received[0] += len(message.get("body", b""))
-                    if received[0] > self.max_body:
-                        raise _BodyTooLarge(self.max_body)
-                return message
-
-            await self.app(scope, limited_receive, send_wrapper)
-        finally:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(endpoint, str(status[0])).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-
-
-async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            *headers]})
-    await send({"type": "http.response.body", "body": data})
-
-
-def _error_body(message: str, type_: str, param: str | None, code: str | None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def _error_response(err: ServeError) -> JSONResponse:
@@ -308,7 +110,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal", 
 def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app; starts the backend's worker on startup and stops it on shutdown."""
     config = config or ServerConfig()
-    metrics = _Metrics(backend)
+    metrics = Metrics(backend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -321,7 +123,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     app = FastAPI(title="maskpro-serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend = backend
     app.state.metrics = metrics
-    app.add_middleware(_Guard, metrics=metrics, max_body_bytes=config.max_body_bytes, api_key=config.api_key)
+    app.add_middleware(Guard, metrics=metrics, max_body_bytes=config.max_body_bytes, api_key=config.api_key)
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError):
@@ -330,7 +132,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
-        return JSONResponse(_error_body(message, "invalid_request_error", param, "invalid_value"), status_code=400)
+        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -338,15 +140,15 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
         detail = str(exc.detail)
         if status in (404, 405):
             detail = f"{detail}: {request.method} {request.url.path}"
-        return JSONResponse(_error_body(detail, _STATUS_TYPES.get(status, "server_error"), None,
-                                        _STATUS_CODES.get(status)), status_code=status,
+        return JSONResponse(error_body(detail, _STATUS_TYPES.get(status, "server_error"), None,
+                                       _STATUS_CODES.get(status)), status_code=status,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(_error_body(f"internal error: {type(exc).__name__}", "server_error", None,
-                                        "internal_error"), status_code=500)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error", None,
+                                       "internal_error"), status_code=500)
 
     # ------------------------------------------------------------------------------------ endpoints
     @app.get("/health")
@@ -355,7 +157,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             stopped = backend.stats().get("stopped")
             why = f"the engine stopped ({stopped}); restart the server" if stopped else \
                 "the server is not ready or is shutting down"
-            body = _error_body(why, "service_unavailable_error", None, "unavailable")
+            body = error_body(why, "service_unavailable_error", None, "unavailable")
             return JSONResponse({"status": "unavailable", **body}, status_code=503)
         return {"status": "ok", **backend.info(), **backend.stats()}
 
@@ -419,7 +221,7 @@ def create_app(backend: Backend, config: ServerConfig | None = None) -> FastAPI:
             raise InvalidRequestError("max_tokens and max_completion_tokens disagree; send one",
                                       param="max_completion_tokens")
         params = body.sampling(body.max_completion_tokens or body.max_tokens)
-        ids = await asyncio.to_thread(backend.encode_chat, _template_messages(body.messages))
+        ids = await asyncio.to_thread(backend.encode_chat, template_messages(body.messages))
         handle = backend.submit(ids, params, param_prompt="messages")
         return await _respond(request, handle, body, metrics, chat=True, model_id=backend.model_id)
 
@@ -438,25 +240,6 @@ def _check_model(backend: Backend, model: str) -> None:
     if model != backend.model_id:
         raise ModelNotFoundError(f"the model {model!r} does not exist; this server serves {backend.model_id!r}",
                                  param="model")
-
-
-def _template_messages(messages: list[ChatMessage]) -> list[dict]:
-    out = []
-    for i, m in enumerate(messages):
-        content = m.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
-                    raise InvalidRequestError(f"content part type {part.type!r} is not supported (text only)",
-                                              param=f"messages.{i}.content")
-                texts.append(part.text)
-            content = "".join(texts)
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
-        if m.name:
-            msg["name"] = m.name
-        out.append(msg)
-    return out
 
 
 # --------------------------------------------------------------------------------------------- responses
@@ -478,7 +261,7 @@ async def _watch_disconnect(request: Request, handle: RequestHandle) -> None:
             return
 
 
-async def _respond(request: Request, handle: RequestHandle, body: _Sampling, metrics: _Metrics, *, chat: bool,
+async def _respond(request: Request, handle: RequestHandle, body: SamplingRequest, metrics: Metrics, *, chat: bool,
                    model_id: str):
     t0 = time.perf_counter()
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
@@ -529,7 +312,7 @@ async def _respond(request: Request, handle: RequestHandle, body: _Sampling, met
             "usage": usage, "system_fingerprint": None}
 
 
-async def _stream(handle: RequestHandle, first, metrics: _Metrics, rid: str, created: int, model_id: str,
+async def _stream(handle: RequestHandle, first, metrics: Metrics, rid: str, created: int, model_id: str,
                   chat: bool, include_usage: bool) -> AsyncIterator[str]:
     obj = "chat.completion.chunk" if chat else "text_completion"
     extra = {"usage": None} if include_usage else {}

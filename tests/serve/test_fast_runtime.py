@@ -230,7 +230,8 @@ def test_gpu_compiled_graph_decoder_generates_what_transformers_does(sparse, tmp
 
 def test_engine_runtime_option_is_checked_and_auto_stays_transformers_on_cpu(tiny_model_dir):
     from maskpro.errors import MaskproError
-    from maskpro.serve.engine import EngineConfig, TorchEngine
+    from maskpro.serve.config import EngineConfig
+    from maskpro.serve.engine import TorchEngine
 
     with pytest.raises(MaskproError, match="unknown runtime 'turbo'"):
         EngineConfig(model=str(tiny_model_dir), runtime="turbo").validate()
@@ -244,7 +245,9 @@ def test_engine_on_the_fast_runtime_batches_and_matches_transformers(tiny_model_
     every request, six requests sharing four slots."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from maskpro.serve.engine import EngineConfig, SamplingParams, TorchEngine
+    from maskpro.serve.config import EngineConfig
+    from maskpro.serve.engine import TorchEngine
+    from maskpro.serve.protocol import SamplingParams
 
     prompts = ["The capital of France is", "Once upon a time, in a land far away, there lived a",
                "def fibonacci(n):", "1, 2, 3, 4,", "Water boils at", "The quick brown fox jumps over the lazy dog."]

@@ -12,19 +12,18 @@ import time
 
 import pytest
 import torch
-from maskpro.serve.engine import (
+from maskpro.serve.config import EngineConfig
+from maskpro.serve.engine import TorchEngine
+from maskpro.serve.protocol import (
     ClientCancelledError,
-    EngineConfig,
-    IncrementalDetokenizer,
     MaxTokensError,
     PromptTooLongError,
     QueueFullError,
     RequestTimeoutError,
     SamplingParams,
-    StopMatcher,
-    TorchEngine,
     UnavailableError,
 )
+from maskpro.serve.streaming import IncrementalDetokenizer, StopMatcher
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a land far away, there lived a", "def fibonacci(n):",
            "1, 2, 3, 4,", "Water boils at", "The quick brown fox jumps over the lazy dog. The quick brown fox"]

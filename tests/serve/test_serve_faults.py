@@ -11,14 +11,9 @@ import threading
 
 import pytest
 import torch
-from maskpro.serve.engine import (
-    EngineConfig,
-    OutOfMemoryError,
-    SamplingParams,
-    ServeError,
-    TorchEngine,
-    UnavailableError,
-)
+from maskpro.serve.config import EngineConfig
+from maskpro.serve.engine import TorchEngine
+from maskpro.serve.protocol import OutOfMemoryError, SamplingParams, ServeError, UnavailableError
 
 SHORT = ["The capital of France is", "1, 2, 3, 4,", "Water boils at"]
 LONG = "Once upon a time, in a land far away, there lived a king who had three daughters and a " * 3

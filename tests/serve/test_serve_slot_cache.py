@@ -10,7 +10,9 @@ import time
 import pytest
 import torch
 from maskpro.serve import slot_cache
-from maskpro.serve.engine import EngineConfig, SamplingParams, TorchEngine
+from maskpro.serve.config import EngineConfig
+from maskpro.serve.engine import TorchEngine
+from maskpro.serve.protocol import SamplingParams
 
 from maskpro.errors import MaskproError
 
