@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from maskpro.errors import MaskproError
+from maskpro.schema import has_meta
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def prepare_vllm_model(model: str | os.PathLike) -> Path:
     if not config_file.is_file():
         raise MaskproError(f"{path} has no config.json; pass a Hugging Face folder or a maskpro-export --engine "
                            "vllm output")
-    if (path / "maskpro.json").is_file() and "maskpro" not in json.loads(config_file.read_text()):
+    if has_meta(path) and "maskpro" not in json.loads(config_file.read_text()):
         raise MaskproError(f"{path} is a maskpro folder, not a vLLM export; run `maskpro-export {path} --engine vllm "
                            f"--out {path}-vllm` and serve {path}-vllm")
     return path

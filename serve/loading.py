@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from maskpro.errors import MaskproError
+from maskpro.schema import has_meta, read_meta
 
 from .batch import cache_joinable
 from .config import STATIC_CACHE_SHARE, EngineConfig
@@ -218,11 +218,12 @@ def cuda_graphs_info(decoder: SlotDecoder | None, config: EngineConfig, device: 
 
 
 def _read_meta(path: Path) -> dict | None:
-    meta = path / "maskpro.json"
-    if not meta.is_file():
+    """What /health shows of the folder's maskpro metadata (None for a plain HF folder)."""
+    if not has_meta(path):
         return None
-    data = json.loads(meta.read_text())
-    return {k: data[k] for k in ("format", "n", "m", "method", "source_model") if k in data}
+    meta = read_meta(path)
+    return {"format": meta.format, "n": meta.nm.n, "m": meta.nm.m, "method": meta.method,
+            **({"source_model": meta.get("source_model")} if "source_model" in meta.extra else {})}
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

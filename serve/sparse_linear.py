@@ -434,10 +434,10 @@ def set_dense_only(model: nn.Module, on: bool = True) -> int:
 def _targets_from_checkpoint(model: nn.Module) -> list[str] | None:
     from pathlib import Path
 
-    from maskpro.artifacts import METADATA, read_metadata
+    from maskpro.schema import has_meta, read_meta
 
     source = getattr(getattr(model, "config", None), "_name_or_path", "")  # plain torch modules have no config
     if not source:
         return None  # every 2:4 linear is a target
     path = Path(source)
-    return read_metadata(path)["targets"] if (path / METADATA).is_file() else None
+    return list(read_meta(path).targets) if has_meta(path) else None
