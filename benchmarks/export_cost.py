@@ -21,7 +21,7 @@ from pathlib import Path
 from .env import RESULTS, environment, merge_json
 
 _IMPORTS = ("import torch, transformers, onnx, onnxruntime, safetensors; "
-            "import maskpro.export.onnx, maskpro.export.vllm, maskpro.export.cli")
+            "import maskpro.export.onnx, maskpro.export.vllm, maskpro.export.sparse24, maskpro.export.cli")
 
 
 def run_child(cmd: list[str]) -> tuple[float, int, int]:

@@ -1,7 +1,8 @@
 """``maskpro-check`` and ``maskpro-export``: thin command lines over :mod:`maskpro.export`.
 
 Every export checks the N:M pattern of the source first and refuses a broken one, naming the layer and
-group. Exit codes follow :mod:`maskpro.errors`: 1 for a broken pattern, 2 for bad input or a missing engine.
+group. Exit codes follow :mod:`maskpro.errors` and come from the error's type: 1 for a broken pattern
+(PatternError), 2 for bad input or a missing engine (any other MaskproError).
 """
 
 from __future__ import annotations
@@ -16,15 +17,10 @@ from maskpro.cliparse import Parser
 from maskpro.errors import run_cli
 from maskpro.nm import NM
 
-ENGINES = ("onnx", "trt", "vllm", "sparse24", "trtllm")
-_EPILOG_EXPORT = """engines:
-  onnx      OUT/model.onnx (+ model.onnx.data) with KV-cache inputs/outputs, checked for N:M, and an
-            onnxruntime-vs-PyTorch parity run on WikiText-2 text (OUT/export-report.json)
-  trt       the ONNX (fp16) in OUT/onnx, then a TensorRT engine OUT/sparse.plan with SPARSE_WEIGHTS
-            (and OUT/dense.plan with --dense-too); needs tensorrt and an sm80+ NVIDIA GPU
-  vllm      dense safetensors with the zeros (what current vLLM loads) + maskpro's N:M metadata
-  sparse24  compressed-tensors "sparse-24-bitmask" (vLLM releases before the Sparse24 removal, llm-compressor)
-  trtllm    a TensorRT-LLM checkpoint in OUT/checkpoint, then trtllm-build --weight_sparsity into OUT/engine
+from .engines import EXPORTERS, engines_help
+
+ENGINES = tuple(EXPORTERS)
+_EPILOG_EXPORT = engines_help() + """
 
 examples:
   maskpro-export pruned/ --engine onnx --out pruned-onnx
@@ -117,57 +113,16 @@ def _export(a: argparse.Namespace) -> None:
 
 
 def run_export(a: argparse.Namespace) -> dict:
-    """Check the source, then dispatch to the engine's exporter; returns its report."""
+    """Check the source, then hand it to the engine's exporter; returns its report."""
     from .check import check_folder
 
+    exporter = EXPORTERS[a.engine]
     src, out = Path(a.src), Path(a.out)
     check = check_folder(src)
     check.raise_if_bad()
-    if a.engine == "trt" and not (out / "onnx" / "model.onnx").is_file():  # fail before a long ONNX export
-        from .tensorrt import require_engine
-
-        require_engine(f"nothing was written; `maskpro-export {src} --engine onnx --dtype fp16` exports the "
-                       "ONNX for a machine that has TensorRT")
+    exporter.check_available(src, out)  # fail before a long step (the ONNX export of trt) writes anything
     logging.getLogger(__name__).info(check.summary())
-    if a.engine == "onnx":
-        from .onnx import OnnxExportConfig, export_onnx
-
-        return export_onnx(src, out, OnnxExportConfig(dtype=a.dtype or "fp32", opset=a.opset,
-                                                      parity=not a.no_parity, data_root=a.data_dir), check)
-    if a.engine == "trt":
-        from .onnx import ONNX_FILE, OnnxExportConfig, export_onnx
-        from .tensorrt import TrtBuildConfig, build_dense_and_sparse, build_engine, require_engine
-
-        onnx_dir = out / "onnx"
-        dtype = a.dtype or "fp16"  # TensorRT 10+/11 networks are strongly typed: the engine runs the ONNX's dtype
-        if not (onnx_dir / ONNX_FILE).is_file():
-            export_onnx(src, onnx_dir, OnnxExportConfig(dtype=dtype, opset=a.opset, parity=not a.no_parity,
-                                                        data_root=a.data_dir), check)
-        require_engine(f"the ONNX file {onnx_dir / ONNX_FILE} is kept")
-        cfg = TrtBuildConfig(precision=dtype if dtype != "fp32" else "fp16", batch=a.batch, sequence=a.seq,
-                             past=a.past, timing_cache=Path(a.timing_cache) if a.timing_cache else None)
-        if a.dense_too:
-            return build_dense_and_sparse(onnx_dir / ONNX_FILE, out, cfg)
-        return build_engine(onnx_dir / ONNX_FILE, out / "sparse.plan", cfg)
-    if a.engine == "vllm":
-        from .vllm import verify_vllm_checkpoint, write_vllm_checkpoint
-
-        from maskpro.data import wikitext2_text
-
-        write_vllm_checkpoint(src, out, dtype=a.dtype)
-        text = wikitext2_text(a.data_dir).strip()[:4000]  # real text for the reload-and-compare check
-        return {"engine": "vllm", "out": str(out), "verify": verify_vllm_checkpoint(src, out, text)}
-    if a.engine == "sparse24":
-        from .vllm import verify_sparse24_bitmask, write_sparse24_bitmask
-
-        write_sparse24_bitmask(src, out)
-        return {"engine": "sparse24", "out": str(out), "verify": verify_sparse24_bitmask(src, out)}
-    from .trtllm import build_trtllm_engine, write_trtllm_checkpoint
-
-    ckpt = write_trtllm_checkpoint(src, out / "checkpoint", dtype=a.dtype or "fp16", tp_size=a.tp)
-    engine = build_trtllm_engine(out / "checkpoint", out / "engine", sparse=True, max_batch_size=a.max_batch_size,
-                                 max_input_len=a.max_input_len, max_seq_len=a.max_seq_len, tp=a.tp)
-    return {"engine": "trtllm", "checkpoint": ckpt, "build": engine}
+    return exporter.export(src, out, a, check)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from maskpro.integrity import digest_files
 from maskpro.errors import MaskproError
 from maskpro.nm import NM, check_weight
 
-from .tensorrt import gpu_info, parse_sparsity_log
+from .tensorrt import gpu_info
+from .trt_logs import parse_sparsity_log
 
 log = logging.getLogger(__name__)
 

@@ -98,17 +98,3 @@ def load_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     packed, _ = load_tensors(path)
     return {name: unpack_mask(packed[name], tuple(meta.shapes[name])) for name in meta.targets}
 
-
-def check_saved(folder: str | os.PathLike) -> tuple[NM, int]:
-    """Verify every target layer of a saved model is N:M along its input dimension.
-
-    The check itself is :func:`maskpro.export.check.check_folder` (tensor by tensor, no model built); this
-    raises its one-line error naming the first bad layer, row and columns, or a missing layer, and returns
-    the pattern and the number of layers checked.
-    """
-    from .export.check import check_folder
-
-    read_metadata(folder)  # a folder that is not a maskpro output gets its own one-line error first
-    report = check_folder(folder)
-    report.raise_if_bad()
-    return report.nm, len(report.targeted)

@@ -286,7 +286,7 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    from .artifacts import check_saved
+    from .pattern_check import check_saved
 
     nm, n_layers = check_saved(a.model)
     print(f"ok: {n_layers} layers are {nm} sparse along the input dimension")

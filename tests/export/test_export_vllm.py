@@ -16,14 +16,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from maskpro.artifacts import MASKS, check_saved, read_metadata, save_pruned
+from maskpro.artifacts import MASKS, read_metadata, save_pruned
 from maskpro.data import wikitext2_text
 from maskpro.errors import MaskproError
 from maskpro.export import vllm as export_vllm
-from maskpro.export.vllm import (verify_sparse24_bitmask, verify_vllm_checkpoint, write_sparse24_bitmask,
-                                 write_vllm_checkpoint)
+from maskpro.export.sparse24 import verify_sparse24_bitmask, write_sparse24_bitmask
+from maskpro.export.vllm import verify_vllm_checkpoint, write_vllm_checkpoint
 from maskpro.nm import NM
 from maskpro.oneshot import magnitude_prune
+from maskpro.pattern_check import check_saved
 
 BROKEN_LAYER = "model.layers.1.mlp.down_proj"
 BROKEN_ROW, BROKEN_GROUP_COL = 5, 8   # group (row 5, columns 8..11)
@@ -172,7 +173,7 @@ import json, torch
 from safetensors.torch import load_file
 from compressed_tensors.compressors import ModelCompressor
 from compressed_tensors.compressors.sparse_compressors.sparse_24_bitmask import Sparse24BitMaskTensor
-from maskpro.export.vllm import verify_sparse24_bitmask
+from maskpro.export.sparse24 import verify_sparse24_bitmask
 assert verify_sparse24_bitmask({str(pruned)!r}, {str(out)!r})["ok"]
 cfg = json.load(open({str(out / "config.json")!r}))["quantization_config"]
 dense = dict(ModelCompressor.from_compression_config(cfg).sparsity_compressor.decompress({str(out)!r}))
