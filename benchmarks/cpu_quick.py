@@ -22,6 +22,7 @@ import torch
 
 from maskpro.cli import PRESETS
 from maskpro.cli import main as maskpro
+from maskpro.schema import METADATA, read_meta
 
 from .env import add_output_args, environment, output_path
 
@@ -60,8 +61,8 @@ def run(a: argparse.Namespace) -> Path:
                 row["prune_argv"] = ["maskpro", "prune", *prune_args, "--out", "OUT"]
                 row["prune_s"] = _timed(["prune", *common, *prune_args, "--out", str(out), "-q"])
                 model = ["--model", str(out), *data]
-                row["maskpro.json"] = {k: v for k, v in json.loads((out / "maskpro.json").read_text()).items()
-                                       if k in ("method", "calibration", "learner", "refit_before_learning")}
+                row[METADATA] = {k: v for k, v in read_meta(out).to_dict().items()
+                                 if k in ("method", "calibration", "learner", "refit_before_learning")}
             scores = Path(tmp) / f"{name.split()[0]}-eval.json"
             row["eval_s"] = _timed(["eval", *model, "--quick", "--device", "cpu", "-q", "--json", str(scores)])
             row["perplexity"] = json.loads(scores.read_text())["perplexity"]

@@ -31,6 +31,7 @@ from typing import Callable
 import httpx
 
 from maskpro.errors import EXIT_BAD_INPUT
+from maskpro.schema import METADATA
 
 from .env import add_output_args, environment, output_path
 from .serve_load import launch_server
@@ -111,7 +112,7 @@ DAMAGE = {
     "masks truncated": _truncate("masks.safetensors"),
     "masks one byte flipped": _flip("masks.safetensors"),
     "masks missing": _delete("masks.safetensors"),
-    "maskpro.json truncated": _truncate("maskpro.json"),
+    "maskpro.json truncated": _truncate(METADATA),
     "config.json truncated": _truncate("config.json"),
     "tokenizer.json truncated": _truncate("tokenizer.json"),
 }

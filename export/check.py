@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from maskpro.artifacts import read_metadata
 from maskpro.errors import MaskproError
-from maskpro.integrity import verify_recorded
+from maskpro.schema import METADATA, has_meta, read_meta, verify_recorded
 from maskpro.nm import NM
 from maskpro.pattern_check import CheckReport, LayerCheck, check_layer
 from maskpro.pattern_check import check_folder as check_folder_pattern
@@ -122,12 +121,12 @@ def check_path(path: str | os.PathLike, nm: NM | None = None) -> CheckReport:
     if onnx_file.suffix == ".onnx":
         targets = None
         meta_dir = onnx_file.parent
-        verify_recorded(meta_dir, "maskpro.json")  # an export's files are whole and unchanged
-        if (meta_dir / "maskpro.json").is_file():
-            meta = read_metadata(meta_dir)
-            nm, targets = nm or NM(meta["n"], meta["m"]), set(meta["targets"])
+        verify_recorded(meta_dir)  # an export's files are whole and unchanged
+        if has_meta(meta_dir):
+            meta = read_meta(meta_dir)
+            nm, targets = nm or meta.nm, set(meta.targets)
         if nm is None:
-            raise MaskproError(f"{onnx_file} has no maskpro.json beside it; pass --nm N:M")
+            raise MaskproError(f"{onnx_file} has no {METADATA} beside it; pass --nm N:M")
         return check_onnx(onnx_file, nm, targets)
     if not path.exists():
         raise MaskproError(f"{path} does not exist; pass a model folder from maskpro prune or an .onnx file")

@@ -20,8 +20,6 @@ from .errors import MaskproError
 
 MAX_HEADER_BYTES = 100 * 2**20   # safetensors' own limit for a header
 DIGEST_KEY = "files"
-JSON_FILES = ("config.json", "maskpro.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
-              "special_tokens_map.json", "model.safetensors.index.json")
 
 
 def damaged(path: Path, what: str) -> MaskproError:
@@ -61,16 +59,14 @@ def read_json(path: str | os.PathLike):
         raise damaged(path, f"not valid JSON: {str(e).splitlines()[0]}") from None
 
 
-def check_folder_files(folder: str | os.PathLike) -> None:
-    """Check the JSON files a model folder is read through, the sizes and hashes its maskpro.json records,
-    and every safetensors header (all a folder without a record can be checked by)."""
+def check_headers(folder: str | os.PathLike) -> None:
+    """Check that every JSON file of a model folder parses and every safetensors header is whole: all a folder
+    without a record of its files can be checked by, and cheap enough to run before any file is hashed."""
     folder = Path(folder)
-    for name in JSON_FILES:
-        if (folder / name).is_file():
-            read_json(folder / name)
-    for f in sorted(folder.glob("*.safetensors")):  # cheap header checks before any file is hashed
+    for f in sorted(folder.glob("*.json")):
+        read_json(f)
+    for f in sorted(folder.glob("*.safetensors")):
         check_safetensors(f)
-    verify_recorded(folder, "maskpro.json")
 
 
 _HASHED: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256, for this process

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import MaskproError
-from .integrity import check_folder_files
+from .schema import check_folder_files
 
 log = logging.getLogger(__name__)
 

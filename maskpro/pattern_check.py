@@ -18,7 +18,7 @@ import torch
 
 from .artifacts import MASKS, METADATA, read_metadata
 from .errors import MaskproError, PatternError
-from .integrity import check_folder_files
+from .schema import check_folder_files
 from .nm import NM, Violation, check_weight
 
 # (out_features, K) -> {engine: why it keeps a layer of that shape dense}; {} = eligible everywhere.

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from .checkpoint import save_json
 from .errors import MaskproError
-from .integrity import DIGEST_KEY, digest_files, read_json, verify_files
+from .integrity import DIGEST_KEY, check_headers, digest_files, read_json, verify_files
 from .nm import NM
 
 METADATA = "maskpro.json"
@@ -127,6 +127,13 @@ def verify_recorded(folder: str | os.PathLike) -> bool:
         return False
     verify_files(folder, files, METADATA)
     return True
+
+
+def check_folder_files(folder: str | os.PathLike) -> None:
+    """Check a model folder's JSON files and safetensors headers, then the sizes and hashes its metadata records
+    (a truncated or overwritten file is one line naming it, never a loader's traceback)."""
+    check_headers(folder)
+    verify_recorded(folder)
 
 
 def write_meta(folder: str | os.PathLike, meta: SavedMeta | Mapping[str, Any]) -> None:

@@ -10,7 +10,8 @@ import pytest
 from safetensors.torch import save_file
 
 from maskpro.errors import MaskproError
-from maskpro.integrity import check_folder_files, check_safetensors, read_json
+from maskpro.integrity import check_safetensors, read_json
+from maskpro.schema import check_folder_files
 
 
 @pytest.fixture
