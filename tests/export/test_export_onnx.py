@@ -75,7 +75,10 @@ def test_fp16_export_runs_in_onnxruntime(tiny_pruned, tmp_path):
                                                                           parity_new_tokens=6))
     model = onnx.load(str(tmp_path / "fp16" / ONNX_FILE), load_external_data=False)
     assert {i.data_type for i in model.graph.initializer if i.name.endswith(".T")} == {onnx.TensorProto.FLOAT16}
-    assert report["parity"]["greedy_identical"] and report["parity"]["max_abs_logit_error"] < 0.05
+    par = report["parity"]
+    # fp16 keeps 11 significant bits: a few units in the last place at the largest logit is rounding, more is a bug
+    assert par["max_abs_logit_error"] <= 4 * 2**-11 * par["max_logit_magnitude"], par
+    assert par["greedy_identical"] and par["prefill_argmax_agreement"] >= 0.95, par
     assert check_path(tmp_path / "fp16").ok
 
 
