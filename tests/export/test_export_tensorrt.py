@@ -338,6 +338,31 @@ def test_parse_inspector_json_names_only_and_garbage():
         parse_inspector_json('{"layers": []}')
 
 
+# A real trtexec --exportLayerInfo file, built without --profilingVerbosity=detailed (names only), in the
+# file's own formatting: farabimahmud/detr-logs-trtexec, detr-layer-info.json (DETR-ResNet50, INT8), its first
+# ten and last layers kept. It holds fused "+" names, pointwise "PWN(...)" groups, a Myelin "ForeignNode"
+# region and the "__myl_" kernels inside it, none of which carry a type or tactic at this verbosity.
+PUBLIC_INSPECTOR_NAMES_ONLY = (
+    '{"Layers": ["/model/model/Transpose_1_output_0"\n,"/model/model/Transpose_1_output_0_clone_1"\n'
+    ',"/Constant_5_output_0"\n,"Reformatting CopyNode for Input Tensor 0 to PWN(PWN(/Sub), PWN(/Div))"\n'
+    ',"PWN(PWN(/Sub), PWN(/Div))"\n'
+    ',"/model/model/backbone/conv_encoder/model/layer1/0/conv3/Conv + onnx::Mul_4134 + '
+    '/model/model/backbone/conv_encoder/model/layer1/0/bn3/Mul + onnx::Add_4136 + '
+    '/model/model/backbone/conv_encoder/model/layer1/0/bn3/Add"\n'
+    ',"Reformatting CopyNode for Input Tensor 1 to {ForeignNode[ONNXTRT_castHelper_772.../Gather_3]}"\n'
+    ',"__myl_CastReshCast_myl816_0"\n,"__myl_MoveSlicSlicSlicSlic_myl816_1"\n,"/ArgMax"\n'
+    ',"PWN(/Mul_2)"\n],\n"Bindings": ["image"\n,"boxes"\n,"logits"\n,"classes"\n]}\n')
+
+
+def test_parse_inspector_json_on_a_public_names_only_file():
+    layers = parse_inspector_json(PUBLIC_INSPECTOR_NAMES_ONLY)
+    assert len(layers) == 11 and layers[5].name.count(" + ") == 4 and layers[-1].name == "PWN(/Mul_2)"
+    assert all(l.layer_type is None and l.tactic is None and l.has_sparse_weights is None for l in layers)
+    s = inspector_summary(layers)
+    assert s == {"layers": 11, "detailed": False, "with_sparse_weights": [], "sparse_tactics": [],
+                 "myelin_layers": 0}
+
+
 def test_match_candidates_splits_fused_names():
     report = parse_sparsity_log(SAMPLE_LOG)
     m = match_candidates(["/model/layers.0/mlp/up_proj/MatMul", "/model/layers.0/mlp/down_proj/MatMul",
