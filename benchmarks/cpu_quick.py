@@ -1,6 +1,6 @@
 """The CPU recipe measured: ``maskpro prune --preset cpu-quick`` against dense and SparseGPT alone.
 
-  maskpro-bench cpu-quick                     # about 12 minutes on 2 CPU cores
+  maskpro-bench cpu-quick                     # minutes on a 2-core CPU (docs/robustness.md)
 
 Runs, on this machine's CPU and through the same command line a user types: the dense model, SparseGPT with
 the preset's calibration (16 windows of 512 C4 tokens), and the preset itself (SparseGPT, one block re-fit

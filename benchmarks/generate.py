@@ -10,7 +10,7 @@ process: the dense one (the masked dense weights on cuBLAS) and a copy after ``s
 picks its 2:4 kernel or dense per shape and token count; q/k/v and gate/up fused). Three variants are timed:
 dense, 2:4, and (``--dense-fused``, default on GPU) the 2:4 model forced to its kept dense weights, i.e. dense
 with the runtime's fusion. Speedups are given against both dense variants. Their repetitions are interleaved
-at every point, so drift over the process (which earlier sequential runs showed) falls on all alike.
+at every point, so a drift of the GPU over the process (clocks, temperature) falls on all alike.
 Prefill (TTFT) is one forward of the batch of prompts up to the last position's logits, captured in a CUDA
 graph of its shape with ``--prefill-graphs`` (default on GPU; without it prefill is eager and TTFT includes
 the host's launch work, which the 2:4 runtime's wrappers add to); decode runs one token per sequence per step on

@@ -8,13 +8,13 @@ which need compute capability 9.0 (Hopper) and a CUDA >= 12.2 build.
   vLLM 0.7.3 through 0.18.1 (read in 0.7.3, 0.8.0, 0.9.2, 0.10.2, each x.0 from 0.11.0 to 0.18.0, and
   0.18.1).
   0.7.0 lacks the format and 0.7.2 sends unquantized 2:4 layers to the dense path (PR 12417), which has no
-  parameters for the bitmask tensors. PR 36799 (March 2026) turned ``CompressedTensors24`` into a
-  stub raising "Sparse24 models are no longer supported by vLLM": first release 0.19.0. From 0.22.0 any
+  parameters for the bitmask tensors. PR 36799 turned ``CompressedTensors24`` into a stub raising
+  "Sparse24 models are no longer supported by vLLM": first release 0.19.0. From 0.22.0 any
   ``sparsity_config`` with targets raises "Sparsity support has been removed from compressed-tensors"
   (read in 0.22.0, 0.24.0, 0.33.0); newer vLLM loads the dense checkpoint of :mod:`.vllm`.
-  transformers does not decompress a ``sparse-24-bitmask`` folder (tried: 5.23 with compressed-tensors
-  0.20.0). The target weights load as random init and only a load report says so, so use the dense
-  checkpoint with transformers.
+  transformers does not decompress a ``sparse-24-bitmask`` folder (5.23 with compressed-tensors 0.20.0
+  loads the target weights as random init, and only a load report says so), so use the dense checkpoint
+  with transformers.
 * compressed-tensors ships ``Sparse24BitMaskCompressor`` up to 0.14.0.1, which requires
   ``transformers<5``; 0.15.0 removed it. 0.20.0 keeps ``Sparse24BitMaskConfig``, the format name and
   ``pack_bitmasks``/``unpack_bitmasks``. This module writes the tensors with those (the same bytes

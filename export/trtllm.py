@@ -10,10 +10,10 @@ architecture/workflow.md, examples/llama/convert_checkpoint.py), and ``trtllm-bu
 acts on GEMMs that are TensorRT layers: with the GEMM plugin (``--gemm_plugin auto``/a dtype) cuBLASLt
 runs them dense (NVIDIA/TensorRT-LLM#1559, NVIDIA/Model-Optimizer#1974), so a sparse build disables it.
 
-The TensorRT backend - ``trtllm-build``, ``convert_checkpoint.py``, ``from_hugging_face`` - was removed on
-TensorRT-LLM's main branch in 2026 (docs: legacy/tensorrt-backend-removal.md; first release without it
-reported as 1.3.0rc23). Newer releases run HF checkpoints on PyTorch with no engine to build; this module
-then stops with a one-line error naming a release that still has the backend.
+The TensorRT backend - ``trtllm-build``, ``convert_checkpoint.py``, ``from_hugging_face`` - is removed on
+TensorRT-LLM's main branch (docs: legacy/tensorrt-backend-removal.md; first release without it reported as
+1.3.0rc23). Newer releases run HF checkpoints on PyTorch with no engine to build; this module then stops with
+a one-line error naming a release that still has the backend.
 
 NOT RUN: TensorRT-LLM cannot be installed here (no GPU; the GPU machine has no network). Only the pure
 parts (command line, TP pattern rule, checkpoint pattern check) are tested.

@@ -50,7 +50,7 @@ def write_vllm_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *, dty
     """Dense HF checkpoint (zeros in place) that every current vLLM loads; returns ``out``.
 
     ``dtype`` ("fp16", "bf16", "fp32") casts the floating-point weights; None keeps the source's. Pruned
-    zeros are written as +0.0 (same values; sparse kernels once broke on -0.0, vllm PR 13198).
+    zeros are written as +0.0 (same values; -0.0 breaks the sparse kernels of vLLMs without PR 13198).
     """
     src, out = Path(src), Path(out)
     meta, _ = check_source(src, out)

@@ -41,7 +41,7 @@ def compile_blocks(fast: FastLM) -> None:
     # one compiled block per rows bucket (1, 2, 4, ... slots): more than dynamo keeps by default
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     fast.block_fn = torch.compile(block_decode, fullgraph=True, dynamic=False)
-    # prefill: compiled per (rows, length) shape; compiled for dynamic shapes, inductor's elementwise kernels ran
+    # prefill: compiled per (rows, length) shape; compiled for dynamic shapes, inductor's elementwise kernels run
     # far below the bandwidth (docs/runtime.md)
     fast.prefill_fn = torch.compile(block_prefill, fullgraph=True, dynamic=False)
 

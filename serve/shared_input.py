@@ -1,16 +1,15 @@
 """Linears that read the same input (q/k/v, gate/up) served by one fused product.
 
 Why: at decode sizes a 2:4 kernel is bound by how fast it streams the weights, and small shapes stream
-slower than large ones (on an H100 the mma.sp kernel reads a 4096x4096 weight at about 1.5 TB/s and a
-4096x11008 one at about 2.1 TB/s, ``kernels-h100.json``). Concatenating q/k/v (and gate/up) along the output
-rows gives one larger product and one launch instead of three.
+slower than large ones (docs/kernels.md). Concatenating q/k/v (and gate/up) along the output rows gives one
+larger product and one launch instead of three.
 
 The model's code is left alone: each member keeps its name and is called as before. The first member called
 with an input computes the fused product and hands the other members their slices when they are called with
 the same tensor object; any other input (or a second call by the same member) recomputes, so a wrong guess
 about which layers share an input costs time, never correctness. Where the fused module would run its dense
-weight on a prefill-sized input (``runs_dense_rows``), each member runs its own rows of it instead: unfused
-dense products were faster there.
+weight on a prefill-sized input (``runs_dense_rows``), each member runs its own rows of it instead: at
+prefill sizes separate dense products are faster than the fused one (docs/kernels.md).
 """
 
 from __future__ import annotations

@@ -238,7 +238,7 @@ class SlotDecoder:
         its slot, as decode expects, and plain causal attention is exact for them (padding only follows real
         tokens): no padding mask, so the attention kernel's causal path runs. On CUDA a prefill of up to
         ``PREFILL_GRAPH_TOKENS`` padded tokens replays a graph captured once per (rows, length): eagerly, the
-        host's launch work for every layer took as long as the GPU's work at these sizes.
+        host's launch work for every layer costs as much as the GPU's work at these sizes (docs/serving.md).
         """
         ids, last, run = self._padded(prompts, first_slot, pad_id)
         if run is None:

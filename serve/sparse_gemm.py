@@ -3,7 +3,8 @@
 Why: a model that keeps only its compressed weights (56% of the dense bytes) must still prefill. Expanding
 each layer to dense for cuBLAS costs a read of the compressed bytes and a write of the dense ones per layer,
 so this kernel multiplies the fragment-ordered weights of :func:`maskpro.serve.sparse_mma.mma_layout` as they
-are, with ``mma.sp``. It is not yet faster than expansion (docs/runtime.md); the runtime's plans decide.
+are, with ``mma.sp``. It is slower than expansion on Llama-2-7B shapes (docs/runtime.md); the runtime's plans
+decide.
 
 Structure (a classic tiled GEMM, weights as the sparse A operand): a block computes ``BM`` output rows x
 ``BN`` tokens; its warps form a WM x WN grid, each owning MT row tiles of 16 and NT token tiles of 8. Per

@@ -48,8 +48,8 @@ class KernelConfig:
         return self.block_n, self.block_k, self.num_warps, self.num_stages, self.expand
 
 
-# Configs worth timing, pruned to those that won somewhere on an H100 (kernels-h100.json and the 2026-11-24
-# probe): each config is one Triton compile per token tile, so the list stays short.
+# Configs worth timing, pruned to the Triton configs that came out best for some shape and token count on an
+# H100 (docs/kernels.md): each config is one Triton compile per token tile, so the list stays short.
 CANDIDATES = ([KernelConfig(bn, bk, w, 4, 3) for bn in (4, 8) for bk in (256, 1024) for w in (2, 4)]
               + [KernelConfig(bn, bk, w, 4, 2) for bn in (4, 8, 16) for bk in (256, 1024) for w in (2, 4)]
               + [KernelConfig(8, 512, 2, 2, 2)]
@@ -90,9 +90,9 @@ def time_us(fn, iters: int = 30, warmup: int = 5, flush: torch.Tensor | None = N
     ``flush`` is that scratch buffer, passed in when many timings share it. ``device_only`` keeps the GPU
     busy while the host enqueues the call, so launch overhead on the host is not counted: the cost inside a
     CUDA graph (decode steps; prefill where it is captured). Eager timing charges each path its host overhead,
-    which an eager caller pays.
-    (A CUDA graph captured per timing was tried first: after those captures, eager prefill spent 1.5x longer on
-    the host in a probe on an H100. Graphs are still used for cuSPARSELt in graph buckets, ``graph_time_us``.)
+    which an eager caller pays. Paths are not timed from a CUDA graph each: that many captures slow the host
+    side of every later eager prefill (docs/kernels.md). Only cuSPARSELt in graph buckets is timed from a graph
+    (``graph_time_us``), as its eager call waits on the GPU.
     """
     flush = l2_flush_buffer() if flush is None else flush
     for _ in range(warmup):
@@ -138,8 +138,7 @@ HOST_HIDING_CYCLES = 2_000_000  # about 1 ms of GPU spin (H100 clocks): longer t
 
 def semi_structured(weight: torch.Tensor) -> torch.Tensor | None:
     """cuSPARSELt's compressed copy of ``weight`` (for :func:`cusparselt_linear`), or None where this GPU, build
-    or shape has none. Only for prefill sizes; on an H100 it beat dense only on the 11008x4096 down projection
-    at 8192 tokens (1.07x, ``kernels-h100.json``)."""
+    or shape has none. Only for prefill sizes, where it rarely beats dense (docs/kernels.md)."""
     if weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16):
         return None
     try:
@@ -156,12 +155,12 @@ def cusparselt_linear(x2: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor
     """``x2 @ W.T + bias`` ([tokens, out], row-major) with cuSPARSELt on ``packed`` (:func:`semi_structured`).
 
     cuSPARSELt computes ``W @ x2.T`` ([out, tokens]); its transposed view is what PyTorch's semi-structured
-    tensor returns, column-major, and every op after it then runs on strided memory: a Llama-2-7B-shaped prefill
-    in a CUDA graph took 1.7x as long as dense although each product was faster
-    (``generate-h100-semi-tensor.json``). Asking cuSPARSELt for the transposed result was slower than dense
-    (1.6-2.1x the time, ``generate-h100-cslt-transposed.json``), so the product is copied to row-major instead:
-    one strided pass over the output, which costs about what the sparse tensor cores save. The token count is
-    padded to what cuSPARSELt accepts (one token unpadded failed and broke the CUDA context, ``GPU.md``).
+    tensor returns, column-major, and every op after it then runs on strided memory, which costs a model's
+    prefill more than the faster products save. cuSPARSELt's transposed (row-major) result is slower than dense
+    (docs/kernels.md, "Why prefill stays dense"), so the product is copied to row-major instead: one strided
+    pass over the output, which costs about what the sparse tensor cores save. The token count is padded to
+    what cuSPARSELt accepts: an unpadded count it rejects can leave the CUDA context unusable
+    (docs/kernels.md).
     """
     x2 = x2.contiguous()
     tokens = x2.shape[0]
@@ -227,7 +226,7 @@ def plan_shape(weight: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, b
 # The kernel config per token bucket that the decode kernel measured best on H100 (kernels-h100.json); used
 # where a layer has no measured plan (the vLLM plugin, whose CUDA-graph capture forbids timing).
 DEFAULT_DECODE = KernelConfig(4, 1024, 2, 4, 2)
-DEFAULT_SINGLE = KernelConfig(4, 1024, 4, 4, 3)  # 1-2 tokens: the word kernel (1.34x dense on 4096x4096)
+DEFAULT_SINGLE = KernelConfig(4, 1024, 4, 4, 3)  # 1-2 tokens: the word kernel, faster than dense there
 
 
 def sparse_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None,
@@ -246,7 +245,7 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bia
     return y.reshape(*x.shape[:-1], out_features)
 
 
-DECODE_TOKENS = 16  # up to here the untimed mma.sp path beat dense cuBLAS on every Llama-2-7B shape (1.5-1.8x)
+DECODE_TOKENS = 16  # up to here the mma.sp kernel beats dense cuBLAS on Llama-2-7B shapes (docs/kernels.md)
 
 
 def sparse_linear_mma(x: torch.Tensor, tiles: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None,
@@ -312,8 +311,8 @@ class SparseLinear(nn.Module):
         """Whether the members of a fused group should each run their own rows of the dense weight on ``x``.
 
         Yes at prefill sizes (past the decode kernel's token range) where this layer would run its dense weight
-        anyway: there the fused q/k/v and gate/up products measured slower than separate ones (1.4-3.3% of
-        TTFT on an H100, ``generate-h100-fused-prefill.json``), while at decode fusing them is the gain.
+        anyway: there the fused q/k/v and gate/up dense products are slower than separate ones (docs/kernels.md),
+        while at decode fusing them is the gain.
         Called for every member on every prefill, so it reads plain attributes only.
         """
         tokens = x.numel() // x.shape[-1]

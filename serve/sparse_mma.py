@@ -9,11 +9,11 @@ The weights are stored once, off line, in the exact per-lane order of the instru
 all coalesced. A block owns ``rows`` tiles of 16 output rows; its ``warps`` split K and add up through shared
 memory. Tokens are the instruction's N side (8 per MMA), so 1-64 tokens are one to eight MMAs per tile.
 
-Two things bring it near the read floor, a kernel that only streams the same bytes (``kernels-h100.json``:
-9.5 us at 1 token on 4096x4096 against a floor of 8.4 us and dense cuBLAS's 16.8 us): the weights are read with
-``ld.global.nc.L1::no_allocate`` (used once, they no longer evict the inputs from L1, which mattered most at 16
-tokens), and small blocks of 4-8 warps with ``__launch_bounds__`` minimum-blocks hints that keep 2-3 blocks
-resident per SM, each with its whole share of loads in flight (16-warp blocks fitted one per SM).
+Two things bring it near the read floor, a kernel that only streams the same bytes (docs/kernels.md): the
+weights are read with ``ld.global.nc.L1::no_allocate`` (used once, they do not evict the inputs, which every
+block reads through L1), and small blocks of 4-8 warps with ``__launch_bounds__`` minimum-blocks hints that
+keep 2-3 blocks resident per SM, each with its whole share of loads in flight (a 16-warp block's registers
+leave room for only one per SM).
 
 Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k32" with sparse A, f16/bf16, selector 0), with
 ``g = lane // 4`` and ``t = lane % 4``:
@@ -50,9 +50,9 @@ class MmaConfig:
     min_blocks: int = 1  # blocks per SM the compiler must leave registers for (``__launch_bounds__``)
 
 
-# Configs worth timing, each one NVRTC compile per token tile count. The first three won every Llama-2-7B
-# decode shape at 1-16 tokens within 2% on an H100 (probe of 2026-11-24 over 150 configs); the others won at
-# 32-64 tokens or split K for layers with few output rows (SmolLM2's 192-576).
+# Configs worth timing, each one NVRTC compile per token tile count. One of the first three is near the fastest
+# for every Llama-2-7B decode shape at 1-16 tokens (docs/kernels.md); the others are for 32-64 tokens, or split
+# K for layers with few output rows (SmolLM2's 192-576).
 MMA_CANDIDATES = [MmaConfig(1, 8, unroll=4, min_blocks=2), MmaConfig(1, 4, unroll=8, min_blocks=3),
                   MmaConfig(2, 4, min_blocks=3), MmaConfig(1, 8, split=2, unroll=4, min_blocks=2),
                   MmaConfig(1, 4, split=4, unroll=4, min_blocks=4),
@@ -120,7 +120,7 @@ def mma_unlayout(tiles: torch.Tensor, positions: torch.Tensor, dtype: torch.dtyp
 
 
 # The config used where no plan was measured (the vLLM plugin, whose CUDA-graph capture forbids timing): the
-# fastest at 4 of the 9 Llama-2-7B decode points on an H100 (``kernels-h100.json``), and that at 16 tokens.
+# fastest at as many Llama-2-7B decode points as any other config, 16 tokens included (docs/kernels.md).
 DEFAULT_CONFIG = MmaConfig(1, 8, unroll=4, min_blocks=2)
 
 
@@ -266,8 +266,8 @@ def build_kernel(src: str, name: str, pointers: int, ints: int, device: int) -> 
 
 class Launcher:
     """``cuLaunchKernel`` for a kernel of ``pointers`` pointer arguments then ``ints`` int arguments, with its
-    argument block built once: PyTorch's generic launcher rebuilds it with ctypes on every call (eager plan
-    timings through it read ~70 us a call on an H100, against ~12-30 us of kernel time)."""
+    argument block built once: PyTorch's generic launcher rebuilds it with ctypes on every call, which takes
+    longer on the host than the kernel on the device and would count in eager plan timings (docs/kernels.md)."""
 
     def __init__(self, kernel, pointers: int, ints: int) -> None:
         from torch.cuda._utils import _get_gpu_runtime_library
