@@ -140,7 +140,7 @@ def learn(a: argparse.Namespace, group: distributed.Group, dtype: torch.dtype, m
     row = {"world_size": group.world_size, "global_batch": a.batch_size, "rows_per_forward": micro or local,
            "seq_len": a.seq_len, "memory": a.memory, "steps_timed": a.steps, "warmup": a.warmup, "seed": a.seed,
            "lr": a.lr, "scale": a.scale, "linear_weights": n_weights, "learner_state_bytes": learner.state_bytes(),
-           "mask_sha256": digest(masks), "logits_sha256": digest(learner._logits()),
+           "mask_sha256": digest(masks), "logits_sha256": digest(learner.logits()),
            "changed_fraction": sum(int((masks[n] != prior[n]).sum()) for n in masks) / n_weights,
            "skipped_steps": int((~torch.isfinite(learner.residuals[: learner.step])).sum())}
     if timed:

@@ -22,6 +22,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +39,6 @@ from maskpro.pipeline import (
     PruneJob,
     reconstruct,
     run_prune,
-    validate_job,
 )
 from maskpro.zeroshot import evaluate_zeroshot
 
@@ -65,10 +65,10 @@ def job_for(name: str, a) -> PruneJob | None:
         return None
     base, _, rest = split_refit(name)[0].partition("@")
     learn_on = rest or "dense"
-    return PruneJob(method=base, nm=a.nm, calib=CalibConfig(a.calib_samples, a.calib_seq_len, a.seed),
+    return PruneJob(method=base, nm=NM.parse(a.nm), calib=CalibConfig(a.calib_samples, a.calib_seq_len, a.seed),
                     init=a.init, learn_on=learn_on, reconstruct="none",
                     block=BlockReconConfig(a.recon_epochs, a.recon_lr, a.recon_micro_batch, a.seed),
-                    learner=LearnerConfig(nm=a.nm, steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale,
+                    learner=LearnerConfig(steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale,
                                           batch_size=a.batch_size, loss=a.loss,
                                           seed=a.seed, checkpoint_every=10**9, log_every=100),
                     seq_len=a.seq_len, n_docs=a.n_docs, windows_per_doc=a.windows_per_doc, data_root=a.data_dir)
@@ -117,10 +117,8 @@ def run(a: argparse.Namespace) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a.dtype = a.dtype or ("fp16" if device == "cuda" else "fp32")
-    for name in a.methods:  # unknown methods fail before any model is loaded
-        job = job_for(name, a)
-        if job is not None:
-            validate_job(job)
+    for name in a.methods:  # building the jobs checks them: unknown methods fail before any model is loaded
+        job_for(name, a)
     out = output_path(a, f"quality-{a.tag}.json")
 
     def record(label: str, model, tok, row: dict) -> None:
@@ -149,13 +147,13 @@ def run(a: argparse.Namespace) -> Path:
         if refit == "none" or not a.refit_only:
             record(label, model, tok, row)
         if job is not None and refit != "none":
-            job.reconstruct = refit
+            job = replace(job, reconstruct=refit)
             dense_model, _ = load_model(a.model, a.dtype, device)  # only its weights are kept
             dense = {n: m.weight.data for n, m in find_linears(dense_model, list(outcome.masks)).items()}
             del dense_model
             t0 = time.perf_counter()
             calib = data.calibration_windows(tok, a.calib_samples, a.calib_seq_len, a.seed, a.data_dir)
-            done = reconstruct(model, job, NM.parse(a.nm), dense, outcome.masks, calib)
+            done = reconstruct(model, job, job.nm, dense, outcome.masks, calib)
             recon_s = round(time.perf_counter() - t0, 2)
             record(label + RECON_SUFFIX[refit], model, tok,
                    {"prune_s": round(row["prune_s"] + recon_s, 2), "reconstruct_s": recon_s,

@@ -42,6 +42,9 @@ class BlockReconConfig:
     micro_batch: int = 2       # calibration windows per optimizer step
     seed: int = 0              # order of the windows
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.epochs < 1 or self.micro_batch < 1 or not self.lr > 0:
             raise MaskproError(f"block reconstruction needs epochs >= 1, micro_batch >= 1 and lr > 0, got "

@@ -201,19 +201,22 @@ def cmd_prune(a: argparse.Namespace) -> dict:
     from .block_recon import BlockReconConfig
     from .learner import CHECKPOINT, LearnerConfig
     from .models import load_model
-    from .pipeline import PRIOR, REFIT_SOURCE, CalibConfig, PruneJob, method_label, run_prune, validate_job
+    from .nm import NM
+    from .pipeline import PRIOR, REFIT_SOURCE, CalibConfig, PruneJob, method_label, run_prune
 
     device = _device(a.device)
-    job = PruneJob(method=a.method, nm=a.nm, targets=a.targets,
+    # Building the job checks every setting: bad input fails here, before anything is loaded.
+    job = PruneJob(method=a.method, nm=NM.parse(a.nm), targets=a.targets,
                    calib=CalibConfig(a.calib_samples, a.calib_seq_len, a.seed),
                    init=a.init, learn_on=a.learn_on, reconstruct=a.reconstruct,
                    block=BlockReconConfig(a.recon_epochs, a.recon_lr, a.recon_micro_batch, a.seed),
-                   learner=LearnerConfig(nm=a.nm, steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale, batch_size=a.batch_size,
-                                         ema=a.ema, loss=a.loss, seed=a.seed, checkpoint_every=a.checkpoint_every,
-                                         memory=a.memory, micro_batch=a.micro_batch),
+                   learner=LearnerConfig(steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale,
+                                         batch_size=a.batch_size, ema=a.ema, loss=a.loss, seed=a.seed,
+                                         checkpoint_every=a.checkpoint_every, memory=a.memory,
+                                         micro_batch=a.micro_batch),
                    seq_len=a.seq_len, n_docs=a.n_docs, windows_per_doc=a.windows_per_doc,
                    data_root=a.data_dir, calib_file=a.calib_file)
-    nm = validate_job(job)  # fail on bad input before loading anything
+    nm = job.nm
     _check_out(Path(a.out), a.overwrite)
     _check_scale_out(a, int(os.environ.get("WORLD_SIZE", "1") or 1))
     group = distributed.init_from_env(device)  # a no-op unless started by torchrun

@@ -26,7 +26,10 @@ class NM:
             raise MaskproError(f"invalid sparsity {self.n}:{self.m}; need integers 0 < N < M, M >= 2 (e.g. 2:4)")
 
     @classmethod
-    def parse(cls, text: str) -> "NM":
+    def parse(cls, text: str | NM) -> NM:
+        """The pattern of ``"N:M"`` text (an NM passes through): the one place a pattern string is read."""
+        if isinstance(text, NM):
+            return text
         try:
             n, m = (int(x) for x in str(text).split(":"))
         except ValueError:

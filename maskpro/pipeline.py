@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -57,7 +57,7 @@ class CalibConfig:
 @dataclass
 class PruneJob:
     method: str = "maskpro"
-    nm: str = "2:4"
+    nm: NM = NM(2, 4)                # a string such as "2:4" is parsed on construction; the learner's follows
     targets: list[str] | None = None
     calib: CalibConfig = field(default_factory=CalibConfig)
     # MaskPro only:
@@ -74,6 +74,44 @@ class PruneJob:
     data_root: str | None = None
     calib_file: str | None = None
 
+    def __post_init__(self) -> None:
+        self.nm = NM.parse(self.nm)
+        if self.learner.nm != self.nm:  # one pattern per job: the learner gets a copy with the job's
+            self.learner = replace(self.learner, nm=self.nm)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the method, prior and settings before any model is loaded (one-line errors)."""
+        if self.method not in ALL_METHODS:
+            raise MaskproError(f"unknown method {self.method!r}; choose from {', '.join(ALL_METHODS)}")
+        if self.method == "maskpro" and self.init not in METHODS:
+            raise MaskproError(f"unknown --init {self.init!r}; the prior mask comes from {', '.join(METHODS)}")
+        if self.reconstruct not in RECONSTRUCT:
+            raise MaskproError(f"unknown --reconstruct {self.reconstruct!r}; choose from {', '.join(RECONSTRUCT)}")
+        if self.learn_on not in LEARN_ON:
+            raise MaskproError(f"unknown --learn-on {self.learn_on!r}; choose from {', '.join(LEARN_ON)}")
+        if self.reconstruct == "block" or (self.method == "maskpro" and self.learn_on == "sparsegpt-block"):
+            self.block.validate()  # before SparseGPT runs, not after
+        if self.method == "maskpro" and self.learn_on != "dense" and self.init != "sparsegpt":
+            raise MaskproError(f"--learn-on {self.learn_on} needs --init sparsegpt (it learns on SparseGPT's "
+                               "weights)")
+        learner, calib = self.learner, self.calib
+        positive = {"--calib-samples": calib.n_samples, "--calib-seq-len": calib.seq_len, "--steps": learner.steps,
+                    "--batch-size": learner.batch_size, "--seq-len": self.seq_len,
+                    "--windows-per-doc": self.windows_per_doc, "--checkpoint-every": learner.checkpoint_every}
+        for flag, value in positive.items():
+            if value is not None and value < 1:
+                raise MaskproError(f"{flag} must be >= 1, got {value}")
+        if self.n_docs is not None and self.n_docs < 0:
+            raise MaskproError(f"--n-docs must be >= 0 (0: every document), got {self.n_docs}")
+        if not learner.lr > 0 or not learner.scale > 0:
+            raise MaskproError(f"--lr and --scale must be > 0, got {learner.lr} and {learner.scale}")
+        if not 0 <= learner.ema < 1:
+            raise MaskproError(f"--ema must be in [0, 1), got {learner.ema}")
+        if learner.nm != self.nm:
+            raise MaskproError(f"the learner's pattern {learner.nm} is not the job's {self.nm}; build the job "
+                               "with the learner config it should use")
+
 
 @dataclass
 class PruneOutcome:
@@ -82,35 +120,9 @@ class PruneOutcome:
 
 
 def validate_job(job: PruneJob) -> NM:
-    """Check the job's method, prior and pattern before any model is loaded (one-line errors)."""
-    if job.method not in ALL_METHODS:
-        raise MaskproError(f"unknown method {job.method!r}; choose from {', '.join(ALL_METHODS)}")
-    if job.method == "maskpro" and job.init not in METHODS:
-        raise MaskproError(f"unknown --init {job.init!r}; the prior mask comes from {', '.join(METHODS)}")
-    if job.reconstruct not in RECONSTRUCT:
-        raise MaskproError(f"unknown --reconstruct {job.reconstruct!r}; choose from {', '.join(RECONSTRUCT)}")
-    if job.learn_on not in LEARN_ON:
-        raise MaskproError(f"unknown --learn-on {job.learn_on!r}; choose from {', '.join(LEARN_ON)}")
-    if job.reconstruct == "block" or (job.method == "maskpro" and job.learn_on == "sparsegpt-block"):
-        job.block.validate()  # before SparseGPT runs, not after
-    if job.method == "maskpro" and job.learn_on != "dense" and job.init != "sparsegpt":
-        raise MaskproError(f"--learn-on {job.learn_on} needs --init sparsegpt (it learns on SparseGPT's weights)")
-    positive = {"--calib-samples": job.calib.n_samples, "--calib-seq-len": job.calib.seq_len,
-                "--steps": job.learner.steps, "--batch-size": job.learner.batch_size, "--seq-len": job.seq_len,
-                "--windows-per-doc": job.windows_per_doc, "--checkpoint-every": job.learner.checkpoint_every}
-    for flag, value in positive.items():
-        if value is not None and value < 1:
-            raise MaskproError(f"{flag} must be >= 1, got {value}")
-    if job.n_docs is not None and job.n_docs < 0:
-        raise MaskproError(f"--n-docs must be >= 0 (0: every document), got {job.n_docs}")
-    if not job.learner.lr > 0 or not job.learner.scale > 0:
-        raise MaskproError(f"--lr and --scale must be > 0, got {job.learner.lr} and {job.learner.scale}")
-    if not 0 <= job.learner.ema < 1:
-        raise MaskproError(f"--ema must be in [0, 1), got {job.learner.ema}")
-    nm = NM.parse(job.nm)
-    if job.learner.nm != job.nm:
-        job.learner.nm = job.nm
-    return nm
+    """Check the job before any model is loaded (one-line errors); returns its pattern."""
+    job.validate()
+    return job.nm
 
 
 def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None, resume: bool = True,
@@ -287,7 +299,7 @@ def _refitted_source(model, job: PruneJob, layers: dict, dense: dict[str, torch.
     Saved in the work directory before learning starts, so a resumed run learns on exactly the same weights
     (a GPU re-fit is not bit-for-bit repeatable) without re-fitting again."""
     cached = Path(workdir) / REFIT_SOURCE if workdir else None
-    key = {"block": asdict(job.block), "prior": _prior_key(job, NM.parse(job.nm), model, layers)}
+    key = {"block": asdict(job.block), "prior": _prior_key(job, job.nm, model, layers)}
     hit = _cached(cached, key, resume)
     if hit is not None and set(hit[0]) == set(layers):
         tensors, meta = hit
