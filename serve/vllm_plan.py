@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
-from maskpro.artifacts import METADATA
 from maskpro.errors import MaskproError
+from maskpro.schema import METADATA, has_meta, read_meta
 
 METHOD = "maskpro"                 # the --quantization name and quant_method the plugin registers
 CONFIG_KEY = "maskpro"             # the block maskpro-export writes into config.json
@@ -116,17 +116,12 @@ def read_maskpro_metadata(source: str | os.PathLike | Mapping[str, Any]) -> Mask
     folder = Path(source)
     if not folder.is_dir():
         raise MaskproError(f"{folder} is not a local folder; pass a folder written by maskpro-export --engine vllm")
-    path = folder / METADATA
-    if not path.is_file():
+    if not has_meta(folder):
         raise MaskproError(f"{folder} has no {METADATA}; it is not a maskpro checkpoint "
                            "(write one with maskpro prune, then maskpro-export --engine vllm)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise MaskproError(f"cannot read {path} ({str(e).splitlines()[0]}); export the model again") from None
-    meta = meta_from_dict(data, str(path))
-    if meta is None:
-        raise MaskproError(f"{path} lists no targets; export the model again")
+    saved = read_meta(folder)
+    meta = MaskproMeta(n=saved.nm.n, m=saved.nm.m, targets=saved.targets,
+                       shapes={k: tuple(v) for k, v in saved.shapes.items()}, method=saved.method)
     config_path = folder / "config.json"
     if config_path.is_file():
         try:

@@ -90,7 +90,9 @@ def test_bad_sources_give_one_line_errors(tmp_path, exported):
     edited = tmp_path / "edited"
     edited.mkdir()
     meta = json.loads((exported / "maskpro.json").read_text())
-    (edited / "maskpro.json").write_text(json.dumps({**meta, "targets": meta["targets"][:-1]}))
+    dropped = meta["targets"][-1]
+    (edited / "maskpro.json").write_text(json.dumps({**meta, "targets": meta["targets"][:-1],
+                                                     "shapes": {k: v for k, v in meta["shapes"].items() if k != dropped}}))
     (edited / "config.json").write_text((exported / "config.json").read_text())
     with pytest.raises(MaskproError, match="counts 14 targets"):
         vp.read_maskpro_metadata(edited)
