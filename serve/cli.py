@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import uvicorn
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "'smollm2-135m-instruct'); for vllm/trtllm the exported folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", choices=("torch", "vllm", "trtllm"), default="torch")
+    p.add_argument("--backend", choices=("torch", "vllm", "trtllm"), default="torch")  # the keys of BACKENDS
     p.add_argument("--device", default="auto", help="torch backend: auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16", "float32", "float16",
                                                        "bfloat16"))
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(a: argparse.Namespace) -> int:
     _check_args(a)
-    return serve_torch(a) if a.backend == "torch" else serve_external(a)
+    return BACKENDS[a.backend].serve(a)
 
 
 def _check_args(a: argparse.Namespace) -> None:
@@ -232,8 +233,6 @@ def external_command(a: argparse.Namespace) -> list[str]:
     ``--tensor-parallel-size N`` becomes vLLM's ``--tensor-parallel-size N`` and trtllm-serve's ``--tp_size N``
     (a TensorRT-LLM engine's TP size is fixed at ``maskpro-export --engine trtllm --tp N`` and must match).
     """
-    from . import backends
-
     if a.port == 0:
         raise MaskproError(f"--backend {a.backend} needs an explicit --port")
     if a.device not in ("auto", "cuda"):
@@ -245,24 +244,50 @@ def external_command(a: argparse.Namespace) -> list[str]:
     if ignored:
         log.warning("%s apply to --backend torch only; ignored", ", ".join(ignored))
     max_len = (a.max_prompt_tokens + (a.max_tokens or 1024)) if a.max_prompt_tokens else None
-    if a.backend == "vllm":
-        model = backends.prepare_vllm_model(a.model)
-        exe = backends.find_executable("vllm")
-        cmd = backends.vllm_command(model, host=a.host, port=a.port, tensor_parallel_size=a.tensor_parallel_size,
-                                    dtype=a.dtype, max_batch_size=a.max_batch_size, max_model_len=max_len,
-                                    served_model_name=a.served_model_name, exe=exe,
-                                    extra_args=[*a.engine_args, *(["--ssl-keyfile", a.ssl_keyfile, "--ssl-certfile",
-                                                                   a.ssl_certfile] if a.ssl_keyfile else [])])
-    else:
-        model, trt_backend, tokenizer = backends.prepare_trtllm_model(a.model, a.tensor_parallel_size, a.tokenizer)
-        exe = backends.find_executable("trtllm")
-        if a.dtype != "auto" or a.served_model_name:
-            log.warning("trtllm-serve takes the dtype from the checkpoint and names the model by its path; "
-                        "--dtype/--served-model-name ignored")
-        cmd = backends.trtllm_command(model, host=a.host, port=a.port, tensor_parallel_size=a.tensor_parallel_size,
-                                      backend=trt_backend, max_batch_size=a.max_batch_size, max_seq_len=max_len,
-                                      tokenizer=tokenizer, extra_args=a.engine_args, exe=exe)
+    return BACKENDS[a.backend].command(a, max_len)
+
+
+def _vllm_command(a: argparse.Namespace, max_len: int | None) -> list[str]:
+    from . import backends
+
+    model = backends.prepare_vllm_model(a.model)
+    exe = backends.find_executable("vllm")
+    cmd = backends.vllm_command(model, host=a.host, port=a.port, tensor_parallel_size=a.tensor_parallel_size,
+                                dtype=a.dtype, max_batch_size=a.max_batch_size, max_model_len=max_len,
+                                served_model_name=a.served_model_name, exe=exe,
+                                extra_args=[*a.engine_args, *(["--ssl-keyfile", a.ssl_keyfile, "--ssl-certfile",
+                                                               a.ssl_certfile] if a.ssl_keyfile else [])])
     return cmd
+
+
+def _trtllm_command(a: argparse.Namespace, max_len: int | None) -> list[str]:
+    from . import backends
+
+    model, trt_backend, tokenizer = backends.prepare_trtllm_model(a.model, a.tensor_parallel_size, a.tokenizer)
+    exe = backends.find_executable("trtllm")
+    if a.dtype != "auto" or a.served_model_name:
+        log.warning("trtllm-serve takes the dtype from the checkpoint and names the model by its path; "
+                    "--dtype/--served-model-name ignored")
+    return backends.trtllm_command(model, host=a.host, port=a.port, tensor_parallel_size=a.tensor_parallel_size,
+                                   backend=trt_backend, max_batch_size=a.max_batch_size, max_seq_len=max_len,
+                                   tokenizer=tokenizer, extra_args=a.engine_args, exe=exe)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to serve: in this process (``command`` None), or an engine's own server run as a supervised
+    subprocess from the command line ``command(args, max_model_len)`` builds."""
+
+    name: str
+    serve: Callable[[argparse.Namespace], int]
+    command: Callable[[argparse.Namespace, int | None], list[str]] | None = None
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("torch", lambda a: serve_torch(a)),
+    Backend("vllm", lambda a: serve_external(a), _vllm_command),
+    Backend("trtllm", lambda a: serve_external(a), _trtllm_command),
+)}
 
 
 if __name__ == "__main__":

@@ -54,3 +54,11 @@ def test_trtllm_gets_tp_size_and_an_engine_must_match_it(engines_on_path, tiny_m
     assert cmd[cmd.index("--tp_size") + 1] == "2" and cmd[cmd.index("--backend") + 1] == "tensorrt"
     with pytest.raises(MaskproError, match="built for tensor parallelism 2, not 4"):
         external_command(_args([*argv, "--tensor-parallel-size", "4"]))
+
+
+def test_every_backend_choice_is_registered():
+    from maskpro.serve.cli import BACKENDS
+
+    choices = next(a.choices for a in build_parser()._actions if a.dest == "backend")
+    assert tuple(choices) == tuple(BACKENDS) and BACKENDS["torch"].command is None
+    assert all(BACKENDS[name].command is not None for name in ("vllm", "trtllm"))
