@@ -253,30 +253,17 @@ def sparse_linear_mma(x: torch.Tensor, tiles: torch.Tensor, positions: torch.Ten
     """``x @ W.T + bias`` for a 2:4 ``W`` stored only in the ``mma.sp`` fragment order, with no timing: the
     ``mma.sp`` kernel for up to ``DECODE_TOKENS`` tokens on a GPU that has it, else the dense product of the
     weight expanded into the device's shared scratch buffer (prefill, CPU): one kernel and no allocation, so
-    every token count can be captured in a CUDA graph once :func:`reserve_mma` has run."""
-    from .sparse_ops import expand_into, reserve_scratch
+    every token count can be captured in a CUDA graph once ``sparse_ops.reserve_layer`` has run."""
+    from .sparse_ops import expanded_mm
 
     x2 = x.reshape(-1, in_features)
     if x2.device.type == "cuda" and x2.shape[0] <= DECODE_TOKENS and sparse_mma.available():
         y = sparse_mma.sparse_mma_mm(x2, tiles, positions, out_features, sparse_mma.DEFAULT_CONFIG)
     else:
-        n = out_features * in_features
-        w = reserve_scratch(n, x2.device, x2.dtype)[:n].view(out_features, in_features)
-        y = x2 @ expand_into(w, tiles, positions).T
+        y = expanded_mm(x2, tiles, positions, out_features)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], out_features)
-
-
-def reserve_mma(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> None:
-    """Allocate what :func:`sparse_linear_mma` needs for a layer on ``device`` (the decode kernel's split-K
-    scratch, the shared expansion buffer) before a CUDA graph is captured: growing them during a capture
-    would allocate from the graph's private pool."""
-    from .sparse_ops import reserve_scratch
-
-    if device.type == "cuda":
-        sparse_mma.reserve(out_features, device)
-        reserve_scratch(out_features * in_features, device, dtype)
 
 
 class SparseLinear(nn.Module):

@@ -88,6 +88,21 @@ def reserve_scratch(numel: int, device: torch.device, dtype: torch.dtype) -> tor
     return buf
 
 
+def reserve_layer(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Allocate what a layer's products need on ``device`` (the decode kernel's split-K scratch, the shared
+    expansion buffer) before any CUDA graph is captured."""
+    if device.type == "cuda":
+        sparse_mma.reserve(out_features, device)
+        reserve_scratch(out_features * in_features, device, dtype)
+
+
+def expanded_mm(x: torch.Tensor, tiles: torch.Tensor, positions: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``x`` [T, K] @ W.T with W expanded into the device's shared scratch buffer: one kernel, no allocation."""
+    n = out_features * x.shape[1]
+    w = reserve_scratch(n, x.device, x.dtype)[:n].view(out_features, x.shape[1])
+    return torch.mm(x, expand_into(w, tiles, positions).t())
+
+
 @torch.library.custom_op("maskpro::sp24_mm", mutates_args=())
 def sp24_mm(x: torch.Tensor, tiles: torch.Tensor, positions: torch.Tensor, out_features: int,
             decode: list[int], gemm: list[int]) -> torch.Tensor:
@@ -100,9 +115,7 @@ def sp24_mm(x: torch.Tensor, tiles: torch.Tensor, positions: torch.Tensor, out_f
             return sparse_mma.sparse_mma_mm(x, tiles, positions, out_features, sparse_mma.MmaConfig(*decode))
         if gemm:
             return sparse_gemm.sparse_gemm(x, tiles, positions, out_features, sparse_gemm.GemmConfig(*gemm))
-    k = x.shape[1]
-    w = reserve_scratch(out_features * k, x.device, x.dtype)[:out_features * k].view(out_features, k)
-    return torch.mm(x, expand_into(w, tiles, positions).t())
+    return expanded_mm(x, tiles, positions, out_features)
 
 
 @sp24_mm.register_fake
@@ -187,9 +200,7 @@ class Weight24(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
         self.choice: dict[int, tuple] = {}
         self.prefill: sparse_gemm.GemmConfig | None = None
-        if tiles.device.type == "cuda":
-            sparse_mma.reserve(self.out_features, tiles.device)
-            reserve_scratch(weight.numel(), tiles.device, weight.dtype)
+        reserve_layer(self.out_features, self.in_features, weight.dtype, tiles.device)
 
     def args_for(self, tokens: int) -> tuple[list[int], list[int]]:
         """The op's (decode, gemm) configs for steps of ``tokens`` tokens."""

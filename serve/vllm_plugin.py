@@ -167,12 +167,6 @@ def _mma_kernels() -> tuple[Callable[..., tuple[Tensor, Tensor]], Callable[..., 
             lambda out, k: sparse_mma.mma_ok(out, k, sparse_mma.DEFAULT_CONFIG))
 
 
-def _reserve_mma(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> None:
-    from .sparse_linear import reserve_mma
-
-    reserve_mma(out_features, in_features, dtype, device)
-
-
 _OPS: dict[str, Any] = {}
 
 
@@ -296,7 +290,9 @@ def vllm_classes() -> tuple[type, type]:
                     values, meta = compress_weight(weight)
                     if mma is not None:  # the same bytes in the instruction's fragment order
                         values, meta = mma[0](values, meta)
-                        _reserve_mma(*weight.shape, weight.dtype, weight.device)  # before vLLM captures graphs
+                        from .sparse_ops import reserve_layer
+
+                        reserve_layer(*weight.shape, weight.dtype, weight.device)  # before vLLM captures graphs
                 except Exception as e:  # a shape or dtype the kernels refuse: serve it dense instead
                     plan = LayerPlan(False, f"compress_24 refused it ({type(e).__name__}: "
                                             f"{str(e).splitlines()[0] if str(e) else ''})")
