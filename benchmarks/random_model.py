@@ -39,6 +39,7 @@ def run(a: argparse.Namespace) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from maskpro.artifacts import save_pruned
+    from maskpro.checkpoint import atomic_path
     from maskpro.models import parse_dtype
     from maskpro.nm import NM
     from maskpro.oneshot import magnitude_prune
@@ -63,14 +64,11 @@ def run(a: argparse.Namespace) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     print(f"built {shape.name} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
           f"vocabulary {config.vocab_size}) on {device} in {time.perf_counter() - t0:.1f} s", flush=True)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
     t0 = time.perf_counter()
-    if a.dense:
-        model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
+    if a.dense:  # like save_pruned, replace --out in one rename: a failed save leaves the old folder whole
+        with atomic_path(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
     else:
         masks = magnitude_prune(model, NM(2, 4)).masks
         save_pruned(model, tok, out, masks, NM(2, 4), "magnitude", {"random_weights": shape.name})

@@ -335,8 +335,6 @@ class MaskProLearner:
         """The logits by checkpoint key (the mode decides the keys)."""
         return self.mode.logits()
 
-    _logits = logits  # the tests read the logits under this name
-
     def save_checkpoint(self) -> None:
         """Rank 0 writes (atomically); the others wait, so every rank resumes from the same file."""
         if self.workdir is None:

@@ -118,15 +118,7 @@ def read_meta(folder: str | os.PathLike, verify: bool = False) -> SavedMeta:
 
 def verify_recorded(folder: str | os.PathLike) -> bool:
     """Verify the files the folder's metadata records; False when it has no metadata or keeps no record."""
-    path = Path(folder) / METADATA
-    if not path.is_file():
-        return False
-    data = read_json(path)
-    files = data.get(DIGEST_KEY) if isinstance(data, dict) else None
-    if files is None:
-        return False
-    verify_files(folder, files, METADATA)
-    return True
+    return has_meta(folder) and read_meta(folder, verify=True).files is not None
 
 
 def check_folder_files(folder: str | os.PathLike) -> None:

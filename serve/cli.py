@@ -284,9 +284,9 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Backend("torch", lambda a: serve_torch(a)),
-    Backend("vllm", lambda a: serve_external(a), _vllm_command),
-    Backend("trtllm", lambda a: serve_external(a), _trtllm_command),
+    Backend("torch", serve_torch),
+    Backend("vllm", serve_external, _vllm_command),
+    Backend("trtllm", serve_external, _trtllm_command),
 )}
 
 

@@ -44,7 +44,7 @@ def _learn(cfg: LearnerConfig, workdir: Path | None = None, kill_at: int | None 
                 os.kill(os.getpid(), signal.SIGKILL)
         model.register_forward_pre_hook(die)
     res = learner.run(resume=True, stop_after=stop_after)
-    return {"masks": res.masks, "logits": {k: v.cpu().clone() for k, v in learner._logits().items()},
+    return {"masks": res.masks, "logits": {k: v.cpu().clone() for k, v in learner.logits().items()},
             "residuals": res.residuals, "prior": prior, "state_bytes": learner.state_bytes()}
 
 
