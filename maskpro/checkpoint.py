@@ -10,8 +10,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import logging
+
 import torch
 from safetensors.torch import load_file, save_file
+
+from .errors import MaskproError
+from .integrity import check_safetensors
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -56,3 +63,22 @@ def read_tensor_meta(path: str | os.PathLike) -> dict:
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(path)), read_tensor_meta(path)
+
+
+def load_cached(path: str | os.PathLike | None, key: dict, redo: str = "computing it again"
+                ) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, meta) of a work-directory cache that :func:`save_tensors` wrote with ``{"key": key, ...}``
+    metadata, or None when it is absent, was written for another key, or is damaged (each said in one log line,
+    ending with ``redo``)."""
+    if path is None or not Path(path).is_file():
+        return None
+    name = Path(path).name
+    try:
+        check_safetensors(path)
+        if read_tensor_meta(path).get("key") != key:
+            log.info("%s was made with other settings; %s", name, redo)
+            return None
+        return load_tensors(path)
+    except MaskproError as e:
+        log.warning("%s; %s", e, redo)
+        return None

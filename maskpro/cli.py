@@ -94,6 +94,21 @@ def build_parser(command: str | None = None, preset: dict | None = None) -> argp
     g.add_argument("--recon-epochs", type=int, default=5, help="block: passes over the calibration windows")
     g.add_argument("--recon-lr", type=float, default=1e-3, help="block: Adam step size")
     g.add_argument("--recon-micro-batch", type=int, default=2, help="block: calibration windows per Adam step")
+    g = p.add_argument_group("sparse fine-tune of the kept weights, last (any method; dense model as teacher)")
+    g.add_argument("--ft-steps", type=int, default=0, help="AdamW steps on the whole model's kept weights (0: off)")
+    g.add_argument("--ft-lr", type=float, default=1e-4, help="peak step size (warm-up, then linear decay to 0)")
+    g.add_argument("--ft-batch-size", type=int, default=16, help="rows per step")
+    g.add_argument("--ft-micro-batch", type=int, default=0, help="rows per forward/backward pass (0: the batch)")
+    g.add_argument("--ft-seq-len", type=int, default=256, help="tokens per row (every window of every C4 doc)")
+    g.add_argument("--ft-loss", default="kd", choices=["kd", "kd+hidden", "ce"],
+                   help="kd: KL to the dense model's next-token distribution; kd+hidden: plus every block's "
+                        "output matched to the dense one; ce: LM loss on the text")
+    g.add_argument("--ft-temperature", type=float, default=1.0, help="kd temperature")
+    g.add_argument("--ft-hidden-weight", type=float, default=1.0, help="weight of the block-output term")
+    g.add_argument("--ft-warmup", type=int, default=20, help="warm-up steps")
+    g.add_argument("--self-gen-rows", type=int, default=0,
+                   help="add this many --ft-seq-len rows of text sampled from the dense model (cached in the "
+                        "work directory)")
     g = p.add_argument_group("maskpro learner")
     g.add_argument("--init", default="sparsegpt", help="one-shot method for the prior mask")
     g.add_argument("--learn-on", default="dense", choices=["dense", "sparsegpt", "sparsegpt-block"],
@@ -198,7 +213,9 @@ def cmd_prune(a: argparse.Namespace) -> dict:
 
     from . import distributed
     from .artifacts import save_pruned
+    from . import finetune, selfgen
     from .block_recon import BlockReconConfig
+    from .finetune import FinetuneConfig
     from .learner import CHECKPOINT, LearnerConfig
     from .models import load_model
     from .nm import NM
@@ -214,6 +231,11 @@ def cmd_prune(a: argparse.Namespace) -> dict:
                                          batch_size=a.batch_size, ema=a.ema, loss=a.loss, seed=a.seed,
                                          checkpoint_every=a.checkpoint_every, memory=a.memory,
                                          micro_batch=a.micro_batch),
+                   finetune=FinetuneConfig(steps=a.ft_steps, lr=a.ft_lr, batch_size=a.ft_batch_size,
+                                           micro_batch=a.ft_micro_batch, loss=a.ft_loss,
+                                           temperature=a.ft_temperature, hidden_weight=a.ft_hidden_weight,
+                                           warmup=a.ft_warmup, seed=a.seed, checkpoint_every=a.checkpoint_every),
+                   ft_seq_len=a.ft_seq_len, self_gen_rows=a.self_gen_rows,
                    seq_len=a.seq_len, n_docs=a.n_docs, windows_per_doc=a.windows_per_doc,
                    data_root=a.data_dir, calib_file=a.calib_file)
     nm = job.nm
@@ -230,11 +252,11 @@ def cmd_prune(a: argparse.Namespace) -> dict:
         model, tok = load_model(a.model, _dtype(a.dtype, device), device)
     workdir = Path(a.workdir) if a.workdir else Path(str(a.out).rstrip("/") + ".work")
     if a.restart and group.is_main:
-        for name in (CHECKPOINT, PRIOR, REFIT_SOURCE):  # start over means the cached prior and re-fit too
+        for name in (CHECKPOINT, PRIOR, REFIT_SOURCE, finetune.CHECKPOINT, selfgen.CACHE):  # every cache too
             (workdir / name).unlink(missing_ok=True)
     distributed.barrier()
     torch.manual_seed(a.seed)
-    outcome = run_prune(model, tok, job, workdir=workdir if a.method == "maskpro" else None,
+    outcome = run_prune(model, tok, job, workdir=workdir if a.method == "maskpro" or a.ft_steps else None,
                         progress=not a.quiet)
     label = method_label(job)
     info = {**outcome.info, "source": str(a.model or "smollm2-135m-instruct")}

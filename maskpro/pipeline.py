@@ -10,6 +10,8 @@ After any method, with its mask fixed, the kept weights can be re-fitted (``reco
   * ``"obs"``:   SparseGPT's OBS solver, layer by layer, from the dense weights;
   * ``"block"``: each decoder block trained to reproduce the dense block's output (``maskpro.block_recon``),
     starting from the method's own kept weights.
+Last, ``finetune.steps > 0`` trains the kept weights of the whole model against the dense model
+(``maskpro.finetune``), on C4 windows and optionally text the dense model wrote (``maskpro.selfgen``).
 
 Under ``torchrun`` every rank runs the same job on its own replica: the one-shot prior splits its
 calibration over the ranks and the learner its minibatches (see ``maskpro.distributed``), and every rank
@@ -19,6 +21,7 @@ ends with the same pruned model. With ``learner.memory="lean"`` the dense copy k
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,14 +31,15 @@ import torch
 
 from . import data, distributed
 from .block_recon import BlockReconConfig, reconstruct_blocks
-from .checkpoint import load_tensors, read_tensor_meta, save_tensors
+from .finetune import FinetuneConfig, SparseFinetuner
+from .checkpoint import load_cached, load_tensors, save_tensors
 from .errors import MaskproError
-from .integrity import check_safetensors
 from .learner import LearnerConfig, MaskProLearner
 from .models import find_linears
 from .nm import NM, pack_mask, unpack_mask
 from .oneshot import METHODS, PruneResult, calibrated_prune, prune
 from .phases import Phases
+from .selfgen import self_generated_rows
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,10 @@ class PruneJob:
     # Any method: re-fit the kept weights for the final mask ("none", "obs" or "block").
     reconstruct: str = "none"
     block: BlockReconConfig = field(default_factory=BlockReconConfig)
+    # Any method, last: sparse fine-tuning of the kept weights with the dense model as teacher.
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ft_seq_len: int = 256            # fine-tuning rows: every window of this length of every calibration doc
+    self_gen_rows: int = 0           # plus this many rows of text sampled from the dense model
     seq_len: int = 128               # learner minibatch rows: the first n_docs C4 docs longer than this
     n_docs: int = 512                # 0: every calibration document
     windows_per_doc: int = 1         # >1: more 128-token rows per document (more data, less cycling)
@@ -102,6 +110,10 @@ class PruneJob:
         for flag, value in positive.items():
             if value is not None and value < 1:
                 raise MaskproError(f"{flag} must be >= 1, got {value}")
+        self.finetune.validate()
+        if self.ft_seq_len < 2 or self.self_gen_rows < 0:
+            raise MaskproError(f"--ft-seq-len must be >= 2 and --self-gen-rows >= 0, got {self.ft_seq_len} and "
+                               f"{self.self_gen_rows}")
         if self.n_docs is not None and self.n_docs < 0:
             raise MaskproError(f"--n-docs must be >= 0 (0: every document), got {self.n_docs}")
         if not learner.lr > 0 or not learner.scale > 0:
@@ -141,9 +153,10 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
         return data.calibration_windows(tokenizer, c.n_samples, c.seq_len, c.seed, job.data_root, job.calib_file)
 
     refit = job.reconstruct != "none"
-    # Dense weights: MaskPro's teacher and source, and what a re-fit starts from or aims at.
+    tune = job.finetune.steps > 0
+    # Dense weights: MaskPro's teacher and source, what a re-fit starts from or aims at, the fine-tune's teacher.
     dense = {n: m.weight.data.to("cpu", copy=True) if lean else m.weight.data.clone() for n, m in layers.items()} \
-        if job.method == "maskpro" or refit else {}
+        if job.method == "maskpro" or refit or tune else {}
     one_shot = job.init if job.method == "maskpro" else job.method
     phase = Phases(phase_names(job))
     windows = None
@@ -162,6 +175,8 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
         with phase(f"re-fit of the kept weights ({job.reconstruct})"):
             info["reconstructed"] = reconstruct(model, job, nm, dense, masks, windows, progress)
         info["reconstruct_s"] = time.perf_counter() - t1
+    if tune:
+        info["finetune"] = finetune(model, tokenizer, job, layers, dense, masks, workdir, resume, progress, phase)
     info["prune_s"] = time.perf_counter() - t0
     return PruneOutcome(masks, info)
 
@@ -179,7 +194,36 @@ def phase_names(job: PruneJob) -> list[str]:
         names.append(f"MaskPro learner ({job.learner.steps} steps)")
     if job.reconstruct != "none":
         names.append(f"re-fit of the kept weights ({job.reconstruct})")
+    if job.finetune.steps:
+        if job.self_gen_rows:
+            names.append(f"self-generated text ({job.self_gen_rows} rows)")
+        names.append(f"sparse fine-tune ({job.finetune.steps} steps)")
     return names
+
+
+def finetune(model, tokenizer, job: PruneJob, layers: dict, dense: dict[str, torch.Tensor],
+             masks: dict[str, torch.Tensor], workdir, resume: bool, progress: bool, phase: Phases) -> dict:
+    """Sparse fine-tuning of ``model``'s kept weights with a dense copy as teacher; returns its report."""
+    teacher = copy.deepcopy(model)
+    for n, m in find_linears(teacher, list(layers)).items():
+        m.weight.data = dense[n].to(m.weight.device, m.weight.dtype)
+    rows = data.learning_batches(tokenizer, 0, job.ft_seq_len, job.data_root, job.calib_file, 10 ** 9,
+                                 job.finetune.seed)
+    sources = {"c4_rows": int(rows.shape[0])}
+    if job.self_gen_rows:
+        with phase(f"self-generated text ({job.self_gen_rows} rows)"):
+            t = time.perf_counter()
+            made = self_generated_rows(teacher, rows, job.self_gen_rows, job.ft_seq_len, seed=job.finetune.seed,
+                                       workdir=workdir if distributed.is_main() else None,
+                                       key={"model": _prior_key(job, job.nm, model, layers)["model"]},
+                                       progress=progress)
+        sources.update(self_generated_rows=int(made.shape[0]), self_generation_s=time.perf_counter() - t)
+        rows = torch.cat([rows, made])
+    with phase(f"sparse fine-tune ({job.finetune.steps} steps)"):
+        tuner = SparseFinetuner(model, teacher, layers, masks, rows, job.finetune, workdir, progress)
+        report = tuner.run(resume=resume)
+    del teacher
+    return {**report, "data": sources}
 
 
 def reconstruct(model, job: PruneJob, nm: NM, dense: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
@@ -248,21 +292,6 @@ def _prior_key(job: PruneJob, nm: NM, model, layers: dict) -> dict:
             "targets": job.targets, "calib_file": job.calib_file, "decided": job.learn_on != "dense"}
 
 
-def _cached(path: Path | None, key: dict, resume: bool) -> tuple[dict, dict] | None:
-    """(tensors, meta) of a work-directory cache written for ``key``, or None (absent, stale or damaged)."""
-    if path is None or not resume or not path.is_file():
-        return None
-    try:
-        check_safetensors(path)
-        if read_tensor_meta(path).get("key") != key:
-            log.info("%s was made with other settings; computing it again", path.name)
-            return None
-        return load_tensors(path)
-    except MaskproError as e:
-        log.warning("%s; computing it again", e)
-        return None
-
-
 def _prior(model, job: PruneJob, nm: NM, layers: dict, windows, workdir, resume: bool,
            progress: bool) -> PruneResult:
     """The one-shot prior (masks, and SparseGPT's decided weights when learning on them), cached in the work
@@ -270,7 +299,7 @@ def _prior(model, job: PruneJob, nm: NM, layers: dict, windows, workdir, resume:
     a CPU). The model's target layers end as the one-shot method left them."""
     path = Path(workdir) / PRIOR if workdir else None
     key = _prior_key(job, nm, model, layers)
-    hit = _cached(path, key, resume)
+    hit = load_cached(path, key) if resume else None
     if hit is not None:
         tensors, meta = hit
         masks = {n: unpack_mask(tensors[f"mask.{n}"], tuple(meta["shapes"][n])) for n in layers}
@@ -300,7 +329,7 @@ def _refitted_source(model, job: PruneJob, layers: dict, dense: dict[str, torch.
     (a GPU re-fit is not bit-for-bit repeatable) without re-fitting again."""
     cached = Path(workdir) / REFIT_SOURCE if workdir else None
     key = {"block": asdict(job.block), "prior": _prior_key(job, job.nm, model, layers)}
-    hit = _cached(cached, key, resume)
+    hit = load_cached(cached, key) if resume else None
     if hit is not None and set(hit[0]) == set(layers):
         tensors, meta = hit
         log.info("re-fitted weights to learn on: %s, computed by an earlier run with the same settings", cached)
@@ -325,7 +354,7 @@ def method_label(job: PruneJob) -> str:
     label = job.method
     if job.method == "maskpro" and job.learn_on != "dense":
         label = f"maskpro@{job.learn_on}"
-    return label + RECON_SUFFIX[job.reconstruct]
+    return label + RECON_SUFFIX[job.reconstruct] + ("+ft" if job.finetune.steps else "")
 
 
 RECON_SUFFIX = {"none": "", "obs": "+recon", "block": "+block"}
