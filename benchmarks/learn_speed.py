@@ -62,6 +62,7 @@ GPU = {"configs": ["smollm2", "llama-1b", "llama2-7b:8", "llama2-7b"], "variants
 CPU = {"configs": ["tiny"], "variants": ["maskpro", "naive"], "steps": 10, "warmup": 2, "naive_steps": 3,
        "batch_size": 4, "seq_len": 32, "dtype": "fp32"}
 REAL = "smollm2"
+VARIANTS = ["maskpro", "maskpro-eager", "maskpro-lean", "naive"]
 NM24 = NM(2, 4)
 MASKLLM_ASSUMPTIONS = [
     "logits: one fp32 logit per candidate mask, C(M,N) per group of M weights (n_weights / M * C(M,N) * 4 B)",
@@ -81,8 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"CPU: tiny)")
     p.add_argument("--model", default=None, help=f"the folder or .gguf for '{REAL}' (default SmolLM2-135M-Instruct);"
                                                  " 'tiny' means --configs tiny")
-    p.add_argument("--variants", nargs="+", default=None, choices=["maskpro", "maskpro-eager", "naive"],
-                   help="what to time (default GPU: all three; CPU: maskpro naive)")
+    p.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                   help="what to time (default GPU: maskpro maskpro-eager naive; CPU: maskpro naive); "
+                        "maskpro-lean is the learner with --memory lean (weights + 4 B of logits per weight)")
     p.add_argument("--dtype", default=None, help="weights dtype (default fp16 on GPU, fp32 on CPU)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="sequences per step (default 32, CPU 4)")
     p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default 128, CPU 32)")
@@ -123,6 +125,8 @@ def estimate_bytes(parameters: int, n_weights: int, weight_bytes: int, variant: 
     activations = tokens * (vocab * (weight_bytes + 8) + 16 * hidden * weight_bytes)
     if variant == "naive":  # per-layer source copy, fp32 logits, bool mask
         return model + n_weights * (weight_bytes + 5) + activations
+    if variant == "maskpro-lean":  # the model's weights and fp32 logits; one layer's temporaries at a time
+        return model + 4 * n_weights + activations
     # the learner's flat buffers exist next to the original weights until they are swapped in
     return model + maskpro_bytes(n_weights, weight_bytes)["total"] + n_weights * weight_bytes + activations
 
@@ -180,14 +184,15 @@ def _timing(t: list[float], steps: int, max_spread: float) -> dict:
             "spread": s["spread"], "trusted": stats.trusted(s["spread"], max_spread=max_spread), "steps": steps}
 
 
-def time_learner(model, layers, prior, batches, graph: bool, a: argparse.Namespace, cuda: bool) -> dict:
+def time_learner(model, layers, prior, batches, graph: bool, a: argparse.Namespace, cuda: bool,
+                 memory: str = "fast") -> dict:
     """The shipped learner: median ms/step over ``--steps`` after ``--warmup``, plus a phase breakdown."""
-    cfg = LearnerConfig(steps=a.warmup + a.steps + 60, batch_size=a.batch_size, cuda_graph=graph)
+    cfg = LearnerConfig(steps=a.warmup + a.steps + 60, batch_size=a.batch_size, cuda_graph=graph, memory=memory)
     learner = MaskProLearner(model, layers, prior, batches, cfg, progress=False)
     learner.prepare(resume=False)
     timed_steps(learner.train_step, a.warmup, cuda)
     row = _timing(timed_steps(learner.train_step, a.steps, cuda), a.steps, a.max_spread)
-    row.update(peak_memory(), cuda_graph=graph and cuda)
+    row.update(peak_memory(), cuda_graph=graph and cuda and memory == "fast", memory=memory)
     ids, box = learner.batch(0), {}
     phases = {"sample": learner.sample_phase,
               "forward": lambda: box.__setitem__("loss", learner.forward_loss(ids)),
@@ -274,7 +279,8 @@ def measure_config(name: str, a: argparse.Namespace, device: str, dtype: torch.d
             if v == "naive":
                 row = time_naive(model, layers, prior, rows, a, cuda)
             else:
-                row = time_learner(model, layers, prior, rows, v == "maskpro", a, cuda)
+                row = time_learner(model, layers, prior, rows, v == "maskpro", a, cuda,
+                                   "lean" if v == "maskpro-lean" else "fast")
         except torch.OutOfMemoryError:
             row = {"error": "CUDA out of memory"}
         gc.collect()
@@ -289,6 +295,16 @@ def measure_config(name: str, a: argparse.Namespace, device: str, dtype: torch.d
     gc.collect()
     reset_peak_memory()
     return out
+
+
+def headline(result: dict) -> dict:
+    """One config and one learner variant measured: its ms/step, peak GiB and memory mode at the top level."""
+    rows = [r for c in result["configs"].values() for v, r in c["rows"].items() if v != "naive"]
+    if len(result["configs"]) != 1 or len(rows) != 1 or "ms_per_step" not in rows[0]:
+        return {}
+    row = rows[0]
+    peak = row["peak_gib"] if "peak_gib" in row else row["peak_rss_mib"] / 1024  # GPU allocator, else host RSS
+    return {"ms_per_step": row["ms_per_step"], "peak_gib": peak, "memory": row["memory"]}
 
 
 def run(a: argparse.Namespace) -> Path:
@@ -313,7 +329,7 @@ def run(a: argparse.Namespace) -> Path:
     for name in tqdm(a.configs, desc="learn", unit="model", disable=None):
         # runs may fill one file config by config (--tag); each config keeps the command that measured it
         result["configs"][name] = {**measure_config(name, a, device, dtype), "command": env["command"]}
-        merge_json(out, result)
+        merge_json(out, {**result, **headline(result)})
     from .plot import publish
 
     return publish(out)

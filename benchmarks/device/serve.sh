@@ -1,8 +1,9 @@
 # Sourced on the GPU machine for serving runs and GPU tests. The first call carries .whl (the server's wheels
-# at this project's pins: fastapi, uvicorn, httpx, prometheus-client and their needs; the image has none),
+# at this project's pins: fastapi, uvicorn, httpx, prometheus-client and their needs, opentelemetry-api
+# included, which fastapi imports; the image has none),
 # .xfer/tok (SmolLM2's tokenizer files, 3.4 MB) and .xfer/data (WikiText-2 test, for prompts); later calls on
 # the warm machine reuse /tmp/srv, /tmp/tok and /tmp/data. Installs this checkout without dependencies.
-if [ -d .whl ] && [ ! -d /tmp/srv/uvicorn ]; then
+if [ -d .whl ] && [ ! -d /tmp/srv/opentelemetry ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/srv .whl/*.whl
 fi
 [ -d .xfer/tok ] && mkdir -p /tmp/tok && cp -n .xfer/tok/* /tmp/tok/
