@@ -33,3 +33,28 @@ def test_refit_suffix_measures_the_method_then_its_refit(tiny_model_dir, data_ro
     assert done["method"] == "block" and done["epochs"] == 2
     assert all(b["mse_after"] <= b["mse_before"] for b in done["blocks"])
     assert r["wanda+block"]["reconstruct_s"] > 0 and r["wanda+block"]["prune_s"] >= r["wanda"]["prune_s"]
+
+
+def test_finetuned_pipelines_over_seeds_give_aggregates_and_a_headline(tiny_model_dir, data_root, tmp_path):
+    out = tmp_path / "quality-ft.json"
+    assert cli.main(["quality", "--model", str(tiny_model_dir), "--quick", "--methods", "wanda+block+ft",
+                     "sparsegpt+ft", "--seeds", "0", "1", "--recon-epochs", "1", "--zeroshot", "piqa",
+                     "--zs-limit", "8", "--headline", "sparsegpt+ft", "--prior", "wanda+block+ft",
+                     "--data-dir", str(data_root), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["methods"]) == {f"{m} seed {s}" for m in ("wanda+block+ft", "sparsegpt+ft") for s in (0, 1)}
+    row = r["methods"]["wanda+block+ft seed 1"]
+    assert row["seed"] == 1 and row["info"]["finetune"]["steps_done"] == 3  # the quick preset
+    assert row["info"]["reconstructed"]["method"] == "block"                # re-fit, then fine-tune
+    agg = r["aggregates"]["sparsegpt+ft"]
+    ppl = [r["methods"][f"sparsegpt+ft seed {s}"]["wikitext2_ppl"] for s in (0, 1)]
+    assert agg["wikitext2_ppl"]["mean"] == sum(ppl) / 2 and agg["wikitext2_ppl"]["n"] == 2
+    head = r["headline"]
+    assert head["method"] == "sparsegpt+ft" and head["seeds"] == 2
+    assert head["prior_mask_wikitext2_ppl_mean"] == r["aggregates"]["wanda+block+ft"]["wikitext2_ppl"]["mean"]
+    assert 0 < head["zeroshot_acc_norm_avg"] < 1 and head["minutes_per_run"] > 0
+
+
+def test_headline_needs_seeds(tiny_model_dir, tmp_path):
+    assert cli.main(["quality", "--model", str(tiny_model_dir), "--quick", "--methods", "sparsegpt+ft",
+                     "--headline", "sparsegpt+ft", "--out", str(tmp_path / "q.json")]) != 0
