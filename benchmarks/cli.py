@@ -33,6 +33,8 @@ SUBCOMMANDS = {
                                "with wall times"),
     "gpu-tests": ("gpu_tests", "every GPU-marked and vLLM test on this machine, recorded per test with the "
                                "commit and device"),
+    "vllm-plugin": ("vllm_plugin", "vLLM with maskpro's 2:4 plugin vs vLLM dense on the same masked weights: decode "
+                                   "ms/step, TTFT, greedy text equality"),
     "random-model": ("random_model", "a stand-in model at a real model's shapes (random weights, 2:4 or dense) "
                                      "for serving and soak runs"),
     "report": ("report", "Markdown summary (SUMMARY.md) and PNG plots of all results JSON"),
@@ -54,6 +56,7 @@ examples:
   maskpro-bench generate --config llama2-7b --batch-sizes 1 4 16 64 --prompts 128 512
   maskpro-bench serve --url http://127.0.0.1:8000/v1 --concurrency 1 4 16 --requests 64
   maskpro-bench serve --launch runs/smollm2-2of4 --concurrency 1 4      # starts maskpro-serve itself
+  maskpro-bench vllm-plugin --sparse /tmp/llama2-7b-2of4 --smollm2 runs/smollm2-2of4   # GPU + vLLM 0.26.0
   maskpro-bench learn --configs smollm2 llama-1b llama2-7b:8
   maskpro-bench quality --methods dense wanda sparsegpt maskpro@sparsegpt
   maskpro-bench quality --model runs/tiny --quick           # a one-minute check on CPU

@@ -1,14 +1,16 @@
 """vLLM's dense decode and time to first token at a model's shapes: the baseline a 2:4 model must beat.
 
 Run as its own process (``python -m maskpro.bench.vllm_dense``) by ``maskpro-bench generate --vllm`` before the
-maskpro variants load, so vLLM's memory is released when they start; prints one JSON line.
+maskpro variants load, so vLLM's memory is released when they start, and twice by ``maskpro-bench vllm-plugin``
+(``--model`` dense, then with ``--quantization maskpro``); prints one JSON line.
 
-vLLM runs in its default mode (torch.compile and CUDA graphs) on weights it initialises itself
-(``load_format="dummy"``: speed does not depend on the values) from a config.json at the given shapes, with
-prefix caching off so no repetition reuses an earlier prompt's cache. Each repetition draws new random prompt
-token ids. Time to first token is the wall time of ``generate`` with one output token; a decode step is the
-wall time of ``generate`` with ``new + 1`` tokens minus that, over ``new``: both are what a caller of the engine
-waits, host scheduling included, as maskpro's own timings are.
+vLLM runs in its default mode (torch.compile and CUDA graphs; ``--enforce-eager`` turns both off) on weights it
+initialises itself (``load_format="dummy"``: speed does not depend on the values) from a config.json at the
+given shapes, or on a folder's real weights (``--model``), with prefix caching off so no repetition reuses an
+earlier prompt's cache. Each repetition draws new random prompt token ids. Time to first token is the wall
+time of ``generate`` with one output token; a decode step is the wall time of ``generate`` with ``new + 1``
+tokens minus that, over ``new``: both are what a caller of the engine waits, host scheduling included, as
+maskpro's own timings are.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 
 
 def measure(config_dir: str, points: list[tuple[int, int]], new: int, reps: int, dtype: str,
-            real_weights: bool = False, quantization: str | None = None) -> dict:
+            real_weights: bool = False, quantization: str | None = None, enforce_eager: bool = False) -> dict:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -34,7 +36,7 @@ def measure(config_dir: str, points: list[tuple[int, int]], new: int, reps: int,
     llm = LLM(model=config_dir, load_format="auto" if real_weights else "dummy", quantization=quantization,
               dtype=dtype, max_model_len=max(p for _, p in points) + new + 16,
               skip_tokenizer_init=True, enable_prefix_caching=False, max_num_seqs=max(b for b, _ in points),
-              gpu_memory_utilization=0.85, seed=0)
+              gpu_memory_utilization=0.85, seed=0, enforce_eager=enforce_eager)
     startup_s = time.perf_counter() - t0
     first = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0, detokenize=False)
     whole = SamplingParams(max_tokens=new + 1, ignore_eos=True, temperature=0.0, detokenize=False)
@@ -63,9 +65,10 @@ def measure(config_dir: str, points: list[tuple[int, int]], new: int, reps: int,
         t, w = statistics.median(ttft), statistics.median(total)
         rows.append({"batch": b, "prompt": p, "ttft_ms": t, "decode_ms": (w - t) / new,
                      "ttft_ms_all": ttft, "total_ms_all": total})
-        print(f"vllm dense batch {b} prompt {p}: ttft {t:.2f} ms, decode {(w - t) / new:.3f} ms/step",
-              file=sys.stderr, flush=True)
-    return {"vllm": vllm.__version__, "mode": "default (torch.compile + CUDA graphs)", "quantization": quantization,
+        print(f"vllm {quantization or 'dense'} batch {b} prompt {p}: ttft {t:.2f} ms, "
+              f"decode {(w - t) / new:.3f} ms/step", file=sys.stderr, flush=True)
+    mode = "eager (--enforce-eager)" if enforce_eager else "default (torch.compile + CUDA graphs)"
+    return {"vllm": vllm.__version__, "mode": mode, "cuda_graphs": not enforce_eager, "quantization": quantization,
             "weights": config_dir if real_weights else "dummy", "startup_s": startup_s,
             "weights_gib": _weights_gib(llm), "rows": rows}
 
@@ -94,6 +97,7 @@ def main() -> int:
     p.add_argument("--model", default=None, help="a model folder to load with its real weights (default: dummy "
                                                  "weights at --config's shapes)")
     p.add_argument("--quantization", default=None, help="vLLM quantization method, e.g. maskpro (the plugin)")
+    p.add_argument("--enforce-eager", action="store_true", help="no torch.compile or CUDA graphs")
     a = p.parse_args()
     from maskpro.errors import run_cli
 
@@ -103,12 +107,14 @@ def main() -> int:
     def body() -> None:
         points = parse_points(a.points)
         if a.model:
-            out = measure(a.model, points, a.new, a.reps, a.dtype, real_weights=True, quantization=a.quantization)
+            out = measure(a.model, points, a.new, a.reps, a.dtype, real_weights=True, quantization=a.quantization,
+                          enforce_eager=a.enforce_eager)
         else:
             with tempfile.TemporaryDirectory() as d:
                 shape = resolve(a.config)
                 shape.llama_config(max_position_embeddings=max(p for _, p in points) + a.new + 64).save_pretrained(d)
-                out = measure(d, points, a.new, a.reps, a.dtype, quantization=a.quantization)
+                out = measure(d, points, a.new, a.reps, a.dtype, quantization=a.quantization,
+                              enforce_eager=a.enforce_eager)
         print(json.dumps(out))
     return run_cli("vllm_dense", body, "nothing measured")
 
