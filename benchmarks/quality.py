@@ -130,7 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prior", default=None, help="the same pipeline with the prior mask, for the headline")
     g = p.add_argument_group("sparse fine-tune, for names ending in +ft")
     g.add_argument("--ft-steps", type=int, default=None, help="2000 (quick 3)")
-    g.add_argument("--ft-lr", type=float, default=1e-4)
+    g.add_argument("--ft-lr", type=float, default=3e-4)
     g.add_argument("--ft-batch-size", type=int, default=None, help="16 (quick 4)")
     g.add_argument("--ft-seq-len", type=int, default=None, help="256 (quick 32)")
     g.add_argument("--ft-loss", default="kd", choices=["kd", "kd+hidden", "ce"])

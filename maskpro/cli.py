@@ -96,7 +96,7 @@ def build_parser(command: str | None = None, preset: dict | None = None) -> argp
     g.add_argument("--recon-micro-batch", type=int, default=2, help="block: calibration windows per Adam step")
     g = p.add_argument_group("sparse fine-tune of the kept weights, last (any method; dense model as teacher)")
     g.add_argument("--ft-steps", type=int, default=0, help="AdamW steps on the whole model's kept weights (0: off)")
-    g.add_argument("--ft-lr", type=float, default=1e-4, help="peak step size (warm-up, then linear decay to 0)")
+    g.add_argument("--ft-lr", type=float, default=3e-4, help="peak step size (warm-up, then linear decay to 0)")
     g.add_argument("--ft-batch-size", type=int, default=16, help="rows per step")
     g.add_argument("--ft-micro-batch", type=int, default=0, help="rows per forward/backward pass (0: the batch)")
     g.add_argument("--ft-seq-len", type=int, default=256, help="tokens per row (every window of every C4 doc)")

@@ -44,7 +44,7 @@ class FinetuneConfig:
     """AdamW on the kept weights with a warm-up then a linear decay to zero; ``steps=0`` turns it off."""
 
     steps: int = 0
-    lr: float = 1e-4
+    lr: float = 3e-4
     batch_size: int = 16        # rows per step (all processes together)
     micro_batch: int = 0        # rows per forward/backward pass (0: the whole batch of a process)
     loss: str = "kd"            # one of maskpro.distill.LOSSES

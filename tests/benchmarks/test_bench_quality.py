@@ -58,3 +58,18 @@ def test_finetuned_pipelines_over_seeds_give_aggregates_and_a_headline(tiny_mode
 def test_headline_needs_seeds(tiny_model_dir, tmp_path):
     assert cli.main(["quality", "--model", str(tiny_model_dir), "--quick", "--methods", "sparsegpt+ft",
                      "--headline", "sparsegpt+ft", "--out", str(tmp_path / "q.json")]) != 0
+
+
+def test_cpu_quick_reruns_one_row_and_keeps_the_others(tiny_model_dir, data_root, tmp_path):
+    out = tmp_path / "cpu-quick.json"
+    old = {"rows": [{"method": "dense", "perplexity": {"wikitext2": -1.0}},
+                    {"method": "sparsegpt (same calibration)", "perplexity": {"wikitext2": 194.2}}],
+           "env": {"command": "maskpro-bench cpu-quick"}}
+    out.write_text(json.dumps(old))
+    assert cli.main(["cpu-quick", "--model", str(tiny_model_dir), "--data-dir", str(data_root), "--only", "dense",
+                     "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "sparsegpt (same calibration)"]
+    assert rows[0]["perplexity"]["wikitext2"] > 1 and "--only dense" in rows[0]["command"]
+    assert rows[1] == {"command": "maskpro-bench cpu-quick", **old["rows"][1]}
+    assert cli.main(["cpu-quick", "--only", "ft", "--out", str(out)]) == 2  # the fine-tune row needs its length
