@@ -169,6 +169,9 @@ README_FIGURES = [
     ("154.7", CPU_QUICK, ("rows", 2, "perplexity", "wikitext2"), 1),
     ("194.2", CPU_QUICK, ("rows", 1, "perplexity", "wikitext2"), 1),  # SparseGPT, same calibration
     ("36.6", CPU_QUICK, ("rows", 0, "perplexity", "wikitext2"), 1),  # dense
+    ("88.7", CPU_QUICK, ("rows", 3, "perplexity", "wikitext2"), 1),  # the preset + 120 fine-tune steps
+    ("108.0", CPU_QUICK, ("rows", 2, "perplexity", "c4"), 1),
+    ("65.4", CPU_QUICK, ("rows", 3, "perplexity", "c4"), 1),
 ]
 
 
