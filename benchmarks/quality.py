@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -80,12 +81,13 @@ def job_for(name: str, a) -> PruneJob | None:
     if name == "dense":
         return None
     name, tune = split_ft(name)
-    base, _, rest = split_refit(name)[0].partition("@")
+    stem, refit = split_refit(name)
+    base, _, rest = stem.partition("@")
     learn_on = rest or "dense"
     ft = FinetuneConfig(steps=a.ft_steps if tune else 0, lr=a.ft_lr, batch_size=a.ft_batch_size, loss=a.ft_loss,
                         seed=a.seed, checkpoint_every=10**9, log_every=100)
     return PruneJob(method=base, nm=NM.parse(a.nm), calib=CalibConfig(a.calib_samples, a.calib_seq_len, a.seed),
-                    init=a.init, learn_on=learn_on, reconstruct=split_refit(name)[1] if tune else "none",
+                    init=a.init, learn_on=learn_on, reconstruct=refit if tune else "none",
                     finetune=ft, ft_seq_len=a.ft_seq_len, self_gen_rows=a.self_gen_rows if tune else 0,
                     block=BlockReconConfig(a.recon_epochs, a.recon_lr, a.recon_micro_batch, a.seed),
                     learner=LearnerConfig(steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale,
@@ -177,9 +179,8 @@ def measure(name: str, a, device: str, record, suffix: str = "") -> None:
 
 
 def _mean_spread(values: list[float]) -> dict:
-    mean = sum(values) / len(values)
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return {"mean": mean, "std": sd, "min": min(values), "max": max(values), "n": len(values)}
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0  # sample standard deviation over the seeds
+    return {"mean": statistics.fmean(values), "std": sd, "min": min(values), "max": max(values), "n": len(values)}
 
 
 def aggregate(methods: dict, label: str, seeds: list[int]) -> dict:

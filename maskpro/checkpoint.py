@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-
-import logging
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -82,3 +82,11 @@ def load_cached(path: str | os.PathLike | None, key: dict, redo: str = "computin
     except MaskproError as e:
         log.warning("%s; %s", e, redo)
         return None
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """A short sha256 of the tensors' bytes: what a checkpoint records of the masks and data it was made for."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

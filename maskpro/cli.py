@@ -211,9 +211,8 @@ def _load_spread(name: str | None, dtype: str):
 def cmd_prune(a: argparse.Namespace) -> dict:
     import torch
 
-    from . import distributed
+    from . import distributed, finetune, selfgen
     from .artifacts import save_pruned
-    from . import finetune, selfgen
     from .block_recon import BlockReconConfig
     from .finetune import FinetuneConfig
     from .learner import CHECKPOINT, LearnerConfig

@@ -40,21 +40,21 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def distill_loss(kind: str, student_out, teacher_out, ids: torch.Tensor, temperature: float = 1.0,
-                 hidden_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training loss ``kind`` (one of LOSSES) and its parts (floats, for logs).
+                 hidden_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss ``kind`` (one of LOSSES) and its parts (detached scalars, for logs).
 
     ``student_out`` / ``teacher_out`` are model outputs with ``logits`` and, for ``kd+hidden``,
     ``hidden_states`` (the embeddings first, then one state per block); ``teacher_out`` is unused by ``ce``.
     """
     if kind == "ce":
         loss = lm_loss(student_out.logits, ids)
-        return loss, {"ce": float(loss.detach())}
+        return loss, {"ce": loss.detach().float()}
     kd = kd_loss(student_out.logits, teacher_out.logits, temperature)
-    parts = {"kd": float(kd.detach())}
+    parts = {"kd": kd.detach().float()}
     if kind == "kd":
         return kd, parts
     if kind != "kd+hidden":
         raise ValueError(f"unknown distillation loss {kind!r}; choose from {', '.join(LOSSES)}")
     hid = hidden_loss(student_out.hidden_states[1:], teacher_out.hidden_states[1:])
-    parts["hidden"] = float(hid.detach())
+    parts["hidden"] = hid.detach().float()
     return kd + hidden_weight * hid, parts

@@ -17,7 +17,6 @@ stay identical.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import resource
@@ -30,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import load_cached, save_tensors
+from .checkpoint import load_cached, save_tensors, tensor_digest
 from .distill import LOSSES, distill_loss
 from .errors import MaskproError
 
@@ -100,13 +99,6 @@ def step_rows(n_rows: int, batch: int, step: int, seed: int) -> torch.Tensor:
     return order[i * batch:(i + 1) * batch]
 
 
-def _digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def peak_memory(device: torch.device) -> dict:
     """Peak device memory (GiB) since the last reset, and the process's peak host memory (GiB)."""
     out = {"host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
@@ -136,7 +128,7 @@ class SparseFinetuner:
         self.path = Path(workdir) / CHECKPOINT if workdir else None
         self.progress = progress and distributed.is_main()
         self.key = {"config": config.fingerprint(), "layers": self.names,
-                    "masks": _digest(self.masks[n] for n in self.names), "rows": _digest([rows])}
+                    "masks": tensor_digest(*(self.masks[n] for n in self.names)), "rows": tensor_digest(rows)}
         self.dtype = next(iter(layers.values())).weight.dtype
         self.autocast = self.device.type == "cuda"
 
@@ -171,20 +163,22 @@ class SparseFinetuner:
         idx = step_rows(self.rows.shape[0], self.cfg.batch_size, step, self.cfg.seed)
         idx = idx[self.group.rank * self.local:(self.group.rank + 1) * self.local]
         ids = self.rows[idx].to(self.device)
-        parts: dict[str, float] = {}
-        total = 0.0
+        total = torch.zeros((), device=self.device)
+        parts: dict[str, torch.Tensor] = {}
         for chunk in ids.split(self.micro):
             loss, p = self._micro_loss(chunk)
-            (loss * (chunk.shape[0] / self.local)).backward()
-            total += float(loss.detach()) * chunk.shape[0] / self.local
+            share = chunk.shape[0] / self.local
+            (loss * share).backward()
+            total = total + loss.detach().float() * share
             for k, v in p.items():
-                parts[k] = parts.get(k, 0.0) + v * chunk.shape[0] / self.local
+                parts[k] = parts.get(k, 0.0) + v * share
         for w, n in zip(params, self.names):
             w.grad.mul_(self.masks[n])
             distributed.all_mean_(w.grad)
-        finite = torch.tensor(float(math.isfinite(total)), device=self.device)
-        distributed.all_sum_(finite)
-        if int(finite) != self.group.world_size:  # fp overflow somewhere: skip this update everywhere
+        # The step's figures averaged over the ranks: a non-finite loss anywhere makes the mean non-finite, so every
+        # rank skips the same update (fp overflow), and this is the step's only host sync.
+        figures = distributed.all_mean_(torch.stack([total, *parts.values()])).tolist()
+        if not all(map(math.isfinite, figures)):
             opt.zero_grad(set_to_none=True)
             return None
         if self.cfg.grad_clip:
@@ -196,9 +190,7 @@ class SparseFinetuner:
         with torch.no_grad():
             for w, n in zip(params, self.names):
                 w.mul_(self.masks[n])
-        local = torch.tensor([total, *parts.values()], device=self.device)
-        distributed.all_mean_(local)
-        return {"loss": float(local[0]), **{k: float(v) for k, v in zip(parts, local[1:])}}
+        return {"loss": figures[0], **dict(zip(parts, figures[1:]))}
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _save(self, step: int, params, opt, history: list) -> None:

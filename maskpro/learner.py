@@ -19,7 +19,6 @@ device, for models that accelerate's ``device_map`` spreads over several GPUs.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from . import nm as nmlib
-from .checkpoint import load_tensors, read_tensor_meta, save_tensors
+from .checkpoint import load_tensors, read_tensor_meta, save_tensors, tensor_digest
 from .errors import MaskproError
 from .integrity import check_safetensors
 from .learner_modes import MODES
@@ -104,13 +103,6 @@ class LearnResult:
     skipped_steps: int = 0      # steps whose loss was not finite (no update was made)
 
 
-def _digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 
 class MaskProLearner:
     """Learns N:M masks for ``layers`` of ``model`` from ``prior`` masks on fixed token ``batches``.
@@ -142,7 +134,7 @@ class MaskProLearner:
         for n, m in zip(self.names, self.modules):
             nmlib.check_shape(m.weight.shape, self.nm, n)
         self._check_prior(prior)
-        self.prior_digest = _digest(*(prior[n].reshape(-1).bool() for n in self.names))
+        self.prior_digest = tensor_digest(*(prior[n].reshape(-1).bool() for n in self.names))
         self._set_rows(batches)
         # The teacher is the model as it is now, before the mode swaps in the source weights.
         self.teacher = self._teacher_probs([m.weight.data for m in self.modules]) if config.loss == "kd" else None
@@ -177,7 +169,7 @@ class MaskProLearner:
 
     def _set_rows(self, batches: torch.Tensor) -> None:
         """The learning rows of this process (its share of every global minibatch) and their digest."""
-        self.data_digest = _digest(batches)  # of all rows, so every rank and a single process agree
+        self.data_digest = tensor_digest(batches)  # of all rows, so every rank and a single process agree
         if self.group.distributed:
             batches = distributed.shard_rows(batches, self.cfg.batch_size, self.group.rank, self.group.world_size)
         self.batches = batches.to(self.device)

@@ -215,7 +215,7 @@ def finetune(model, tokenizer, job: PruneJob, layers: dict, dense: dict[str, tor
             t = time.perf_counter()
             made = self_generated_rows(teacher, rows, job.self_gen_rows, job.ft_seq_len, seed=job.finetune.seed,
                                        workdir=workdir if distributed.is_main() else None,
-                                       key={"model": _prior_key(job, job.nm, model, layers)["model"]},
+                                       key={"model": str(getattr(model.config, "_name_or_path", ""))},
                                        progress=progress)
         sources.update(self_generated_rows=int(made.shape[0]), self_generation_s=time.perf_counter() - t)
         rows = torch.cat([rows, made])
