@@ -157,6 +157,8 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
     # Dense weights: MaskPro's teacher and source, what a re-fit starts from or aims at, the fine-tune's teacher.
     dense = {n: m.weight.data.to("cpu", copy=True) if lean else m.weight.data.clone() for n, m in layers.items()} \
         if job.method == "maskpro" or refit or tune else {}
+    # The fine-tune's text is read now (seconds), so a batch it cannot fill fails before the long phases run.
+    ft_rows = finetune_rows(tokenizer, job) if tune else None
     one_shot = job.init if job.method == "maskpro" else job.method
     phase = Phases(phase_names(job))
     windows = None
@@ -176,7 +178,7 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
             info["reconstructed"] = reconstruct(model, job, nm, dense, masks, windows, progress)
         info["reconstruct_s"] = time.perf_counter() - t1
     if tune:
-        info["finetune"] = finetune(model, tokenizer, job, layers, dense, masks, workdir, resume, progress, phase)
+        info["finetune"] = finetune(model, job, layers, dense, masks, ft_rows, workdir, resume, progress, phase)
     info["prune_s"] = time.perf_counter() - t0
     return PruneOutcome(masks, info)
 
@@ -201,14 +203,25 @@ def phase_names(job: PruneJob) -> list[str]:
     return names
 
 
-def finetune(model, tokenizer, job: PruneJob, layers: dict, dense: dict[str, torch.Tensor],
-             masks: dict[str, torch.Tensor], workdir, resume: bool, progress: bool, phase: Phases) -> dict:
-    """Sparse fine-tuning of ``model``'s kept weights with a dense copy as teacher; returns its report."""
+def finetune_rows(tokenizer, job: PruneJob) -> torch.Tensor:
+    """Every ``ft_seq_len`` window of every calibration document, shuffled; a one-line error when these and the
+    self-generated rows together cannot fill one fine-tune batch."""
+    rows = data.learning_batches(tokenizer, 0, job.ft_seq_len, job.data_root, job.calib_file, 10 ** 9,
+                                 job.finetune.seed)
+    if rows.shape[0] + job.self_gen_rows < job.finetune.batch_size:
+        raise MaskproError(f"{rows.shape[0]} fine-tune rows of {job.ft_seq_len} tokens (plus {job.self_gen_rows} "
+                           f"self-generated) are fewer than --ft-batch-size {job.finetune.batch_size}; lower it "
+                           "or --ft-seq-len, or add --self-gen-rows")
+    return rows
+
+
+def finetune(model, job: PruneJob, layers: dict, dense: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+             rows: torch.Tensor, workdir, resume: bool, progress: bool, phase: Phases) -> dict:
+    """Sparse fine-tuning of ``model``'s kept weights on ``rows`` (and self-generated text) with a dense copy as
+    teacher; returns its report."""
     teacher = copy.deepcopy(model)
     for n, m in find_linears(teacher, list(layers)).items():
         m.weight.data = dense[n].to(m.weight.device, m.weight.dtype)
-    rows = data.learning_batches(tokenizer, 0, job.ft_seq_len, job.data_root, job.calib_file, 10 ** 9,
-                                 job.finetune.seed)
     sources = {"c4_rows": int(rows.shape[0])}
     if job.self_gen_rows:
         with phase(f"self-generated text ({job.self_gen_rows} rows)"):

@@ -133,3 +133,15 @@ def test_cli_fine_tunes_after_a_one_shot_method(tiny_model_dir, data_root, tmp_p
     assert math.isfinite(ft["loss_last"])
     assert main(["check", "--model", str(out)]) == 0
     assert not (tmp_path / "wanda-ft.work").exists()  # the default work folder goes after success
+
+
+def test_a_batch_the_text_cannot_fill_fails_before_any_pruning(tiny_model_dir, data_root, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("pruning ran before the fine-tune's data was checked")
+
+    monkeypatch.setattr("maskpro.pipeline.prune", never)
+    out = tmp_path / "never"
+    assert main(["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--calib-samples", "4",
+                 "--calib-seq-len", "64", "--ft-steps", "2", "--ft-batch-size", "100000", "--data-dir",
+                 str(data_root), "--out", str(out), "-q"]) == 2
+    assert not out.exists()
