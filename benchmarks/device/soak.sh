@@ -1,5 +1,5 @@
 # One device call (timeout 600 s), carry .whl .xfer/tok .xfer/data: build a random Llama-2-7B-shaped 2:4 model,
-# start maskpro-serve on it, run the mixed soak for the time left, write serve-<tag>.json and the server log
+# start maskpro-serve on it, run the 64-client mixed soak, write serve-<tag>.json and the server log
 # to $OUT (the build and the server start take minutes; the soak SOAK_S seconds, 300 by default).
 set -o pipefail
 source benchmarks/device/serve.sh
