@@ -58,7 +58,7 @@ class LearnerConfig:
     checkpoint_every: int = 200
     log_every: int = 25
     cuda_graph: bool = True     # replay the forward pass from a CUDA graph on GPUs (fast memory mode only)
-    compile: bool = True        # fuse sampling and the update with torch.compile on GPUs
+    compile: bool = True        # fuse sampling and the update on GPUs (torch.compile; Triton kernels in lean mode)
     memory: str = "fast"        # "fast": flat buffers, 13 B per weight in fp16; "lean": the model's own weights
                                 # plus 4 B of logits per weight, masks redrawn per layer (works with device_map)
     micro_batch: int = 0        # rows per forward pass (0: the whole batch of this process); the step loss is

@@ -11,7 +11,9 @@ Both modes offer one interface to the learning loop in :mod:`maskpro.learner`:
 so sampling, masking and the update are a few whole-model tensor ops and the forward can be replayed from a
 CUDA graph (13 B per fp16 weight). ``LeanMode`` keeps only the model's own weights plus 4 B of logits per
 weight on each layer's own device: the mask is redrawn per layer from (seed, step, layer) when the forward
-reads the weight and again in the update, so it works with accelerate's ``device_map``.
+reads the weight and again in the update, so it works with accelerate's ``device_map``. On GPUs (N = 2, with
+Triton) it draws and updates with :mod:`maskpro.lean_kernels`, whose noise lives only in registers: the same
+keying, but a different random stream from the eager path's.
 """
 
 from __future__ import annotations
@@ -79,6 +81,19 @@ def maybe_compiled(fn, enabled: bool):
             state["fn"] = fn
             return fn(*args)
     return call
+
+
+def fused_kernels(thetas: list[torch.Tensor], n: int):
+    """:mod:`maskpro.lean_kernels` if Triton is there and takes every layer's logits, else None (eager path)."""
+    try:
+        from . import lean_kernels
+    except ImportError as exc:  # no Triton on this machine: the torch.compile'd path does the same work
+        log.info("lean learner: no Triton (%s); drawing masks with torch", exc)
+        return None
+    if all(t.is_cuda and lean_kernels.supported(t, n) for t in thetas):
+        return lean_kernels
+    log.info("lean learner: the fused kernels take N=2 of M<=16 on CUDA only; drawing masks with torch")
+    return None
 
 
 class FastMode:
@@ -199,8 +214,9 @@ class LeanMode:
         self.drawing = False  # False: the forward reads the top-n of the logits (the prior), True: draws
         self.step = 0
         fuse = any(t.device.type == "cuda" for t in self.thetas) and compile
-        self.masked_fn = maybe_compiled(masked, fuse)
-        self.redrawn_fn = maybe_compiled(redrawn_update, fuse)
+        self.kernels = fused_kernels(self.thetas, nm.n) if fuse else None
+        self.masked_fn = maybe_compiled(masked, fuse and self.kernels is None)
+        self.redrawn_fn = maybe_compiled(redrawn_update, fuse and self.kernels is None)
         for i, m in enumerate(modules):
             parametrize.register_parametrization(m, "weight", LeanMask(self, i), unsafe=True)
 
@@ -218,6 +234,9 @@ class LeanMode:
         theta = self.thetas[i]
         if not self.drawing:
             return w * policy.top_n(theta, self.nm.n).view(w.shape)
+        if self.kernels is not None:
+            seed = layer_seed(self.seed, self.step, i)
+            return self.kernels.draw(theta, w.reshape(-1), seed, self.nm.n).view(w.shape)
         return self.masked_fn(theta, self._layer_noise(i), w.reshape(-1), self.nm.n).view(w.shape)
 
     @contextlib.contextmanager
@@ -239,7 +258,10 @@ class LeanMode:
         for i, theta in enumerate(self.thetas):
             a = per_device.get(theta.device)
             if a is None:
-                a = per_device[theta.device] = adv.to(theta.device)
+                a = per_device[theta.device] = adv.to(theta.device, torch.float32)
+            if self.kernels is not None:
+                self.kernels.update_(theta, a, layer_seed(self.seed, step, i))
+                continue
             theta.copy_(self.redrawn_fn(theta, self._layer_noise(i), a, self.nm.n))
 
     def logits(self) -> dict[str, torch.Tensor]:
