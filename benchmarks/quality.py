@@ -84,15 +84,16 @@ def job_for(name: str, a) -> PruneJob | None:
     stem, refit = split_refit(name)
     base, _, rest = stem.partition("@")
     learn_on = rest or "dense"
+    every = 250 if getattr(a, "run_dir", None) else 10**9  # checkpoints only where a rerun can resume from them
     ft = FinetuneConfig(steps=a.ft_steps if tune else 0, lr=a.ft_lr, batch_size=a.ft_batch_size, loss=a.ft_loss,
-                        seed=a.seed, checkpoint_every=10**9, log_every=100)
+                        seed=a.seed, checkpoint_every=every, log_every=100)
     return PruneJob(method=base, nm=NM.parse(a.nm), calib=CalibConfig(a.calib_samples, a.calib_seq_len, a.seed),
                     init=a.init, learn_on=learn_on, reconstruct=refit if tune else "none",
                     finetune=ft, ft_seq_len=a.ft_seq_len, self_gen_rows=a.self_gen_rows if tune else 0,
                     block=BlockReconConfig(a.recon_epochs, a.recon_lr, a.recon_micro_batch, a.seed),
                     learner=LearnerConfig(steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale,
                                           batch_size=a.batch_size, loss=a.loss,
-                                          seed=a.seed, checkpoint_every=10**9, log_every=100),
+                                          seed=a.seed, checkpoint_every=2 * every, log_every=100),
                     seq_len=a.seq_len, n_docs=a.n_docs, windows_per_doc=a.windows_per_doc, data_root=a.data_dir)
 
 
@@ -130,6 +131,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run every method once per seed; adds mean and spread under 'aggregates'")
     g.add_argument("--headline", default=None, help="method whose seed means become the file's 'headline'")
     g.add_argument("--prior", default=None, help="the same pipeline with the prior mask, for the headline")
+    g = p.add_argument_group("separate, resumable runs (benchmarks/quality_runs.py)")
+    g.add_argument("--workdir", default=None,
+                   help="one resumable work folder per (method, seed) here; rerunning the command skips finished "
+                        "runs and resumes the others")
+    g.add_argument("--jobs", type=int, default=1, help="with --workdir: runs at once (spread over the visible GPUs)")
     g = p.add_argument_group("sparse fine-tune, for names ending in +ft")
     g.add_argument("--ft-steps", type=int, default=None, help="2000 (quick 3)")
     g.add_argument("--ft-lr", type=float, default=3e-4)
@@ -154,7 +160,8 @@ def measure(name: str, a, device: str, record, suffix: str = "") -> None:
     row: dict = {"seed": a.seed}
     if job is not None:
         t0 = time.perf_counter()
-        outcome = run_prune(model, tok, job, workdir=None, resume=False)
+        run_dir = getattr(a, "run_dir", None)  # set by quality_runs: this run's own resumable work folder
+        outcome = run_prune(model, tok, job, workdir=run_dir, resume=run_dir is not None)
         row["prune_s"] = round(time.perf_counter() - t0, 2)
         row["info"] = outcome.info
     label = (a.label or (name if tune else base)) + suffix
@@ -220,8 +227,32 @@ def run(a: argparse.Namespace) -> Path:
     for flag, name in (("--headline", a.headline), ("--prior", a.prior)):
         if name and (name not in a.methods or not a.seeds or len(a.seeds) < 2):
             raise MaskproError(f"{flag} {name} must be one of --methods, measured with --seeds (two or more)")
+    if a.jobs != 1 and not a.workdir:
+        raise MaskproError(f"--jobs {a.jobs} runs methods as separate processes, which needs --workdir DIR")
     out = output_path(a, f"quality-{a.tag}.json")
+    seeds = a.seeds or [a.seed]
+    if a.workdir:
+        from .quality_runs import run_all
 
+        run_all(a, device, seeds, out)
+    else:
+        record = recorder(a, out)
+        for name in a.methods:
+            for seed in seeds:
+                a.seed = seed
+                measure(name, a, device, record, seed_suffix(seed, seeds))
+    summarize(a, out, seeds)
+    from .plot import publish
+
+    return publish(out)
+
+
+def seed_suffix(seed: int, seeds: list[int]) -> str:
+    return f" seed {seed}" if len(seeds) > 1 else ""
+
+
+def recorder(a, out: Path):
+    """record(label, model, tok, row): evaluate the model and merge its row into ``out``."""
     def record(label: str, model, tok, row: dict) -> None:
         ppl = evaluate_perplexity(model, tok, ["wikitext2", "c4"], a.data_dir, a.ppl_seq_len, 4, a.ppl_windows)
         row["wikitext2_ppl"], row["c4_ppl"] = ppl["wikitext2"], ppl["c4"]
@@ -233,21 +264,17 @@ def run(a: argparse.Namespace) -> Path:
                          "dtype": a.dtype, "ppl_seq_len": a.ppl_seq_len, "methods": {label: row},
                          "env": {label: environment()}, "device": environment()["device"],
                          **({"quick": True} if a.quick else {})})
+    return record
 
-    seeds = a.seeds or [a.seed]
-    for name in a.methods:
-        for seed in seeds:
-            a.seed = seed
-            suffix = f" seed {seed}" if len(seeds) > 1 else ""
-            measure(name, a, device, record, suffix)
-        if len(seeds) > 1:
-            merge_json(out, {"aggregates": {a.label or name: aggregate(json.loads(out.read_text())["methods"],
-                                                                     a.label or name, seeds)}})
+
+def summarize(a, out: Path, seeds: list[int]) -> None:
+    """Seed aggregates of every method and the headline, from the rows in ``out``."""
+    if len(seeds) > 1:
+        methods = json.loads(out.read_text())["methods"]
+        merge_json(out, {"aggregates": {a.label or name: aggregate(methods, a.label or name, seeds)
+                                        for name in a.methods}})
     if a.headline:
         merge_json(out, {"headline": headline(json.loads(out.read_text()), a.headline, a.prior)})
-    from .plot import publish
-
-    return publish(out)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,35 @@ def test_cpu_quick_reruns_one_row_and_keeps_the_others(tiny_model_dir, data_root
     assert rows[0]["perplexity"]["wikitext2"] > 1 and "--only dense" in rows[0]["command"]
     assert rows[1] == {"command": "maskpro-bench cpu-quick", **old["rows"][1]}
     assert cli.main(["cpu-quick", "--only", "ft", "--out", str(out)]) == 2  # the fine-tune row needs its length
+
+
+def test_separate_runs_merge_resume_and_are_reused(tiny_model_dir, data_root, tmp_path):
+    """--workdir/--jobs: one process per (method, seed), two at once; the same command again reuses them all."""
+    out, work = tmp_path / "quality-runs.json", tmp_path / "runs"
+    argv = ["quality", "--model", str(tiny_model_dir), "--quick", "--methods", "dense", "sparsegpt+ft",
+            "--seeds", "0", "1", "--zeroshot", "none", "--data-dir", str(data_root), "--workdir", str(work),
+            "--jobs", "2", "--out", str(out)]
+    assert cli.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert set(r["methods"]) == {f"{m} seed {s}" for m in ("dense", "sparsegpt+ft") for s in (0, 1)}
+    assert r["methods"]["sparsegpt+ft seed 1"]["info"]["finetune"]["steps_done"] == 3
+    assert r["methods"]["sparsegpt+ft seed 1"]["attempts"] == 1
+    assert r["env"]["dense seed 0"]["command"] == "maskpro-bench " + " ".join(argv)
+    assert r["aggregates"]["sparsegpt+ft"]["wikitext2_ppl"]["n"] == 2
+    ft_dir = work / "sparsegpt+ft-seed1"
+    assert (ft_dir / "finetune-state.safetensors").is_file()  # the run checkpointed in its own folder
+    stamps = {p: p.stat().st_mtime_ns for p in work.glob("*/done.json")}
+    assert len(stamps) == 4
+    out.unlink()
+    assert cli.main(argv) == 0  # nothing left to run: the rows come back from the run folders
+    assert json.loads(out.read_text())["methods"] == r["methods"]
+    assert {p: p.stat().st_mtime_ns for p in work.glob("*/done.json")} == stamps
+    # Other settings are another run: --ft-lr changes the fine-tuned rows, not the dense ones.
+    assert cli.main([*argv[:-2], "--ft-lr", "1e-3", "--out", str(out)]) == 0
+    changed = {p.parent.name for p, t in stamps.items() if p.stat().st_mtime_ns != t}
+    assert changed == {"sparsegpt+ft-seed0", "sparsegpt+ft-seed1"}
+
+
+def test_jobs_need_a_workdir(tiny_model_dir, tmp_path):
+    assert cli.main(["quality", "--model", str(tiny_model_dir), "--quick", "--methods", "dense", "--jobs", "2",
+                     "--out", str(tmp_path / "q.json")]) == 2
