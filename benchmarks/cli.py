@@ -27,6 +27,8 @@ SUBCOMMANDS = {
     "learn-distributed": ("learn_distributed", "data-parallel mask learning: steps/s on 1 vs N processes "
                                                "(run under torchrun), peak memory per rank, mask digests"),
     "quality": ("quality", "perplexity and zero-shot accuracy of every pruning method on a model"),
+    "reward-snr": ("reward_snr", "signal per MaskPro step: two independent policy-gradient sums correlated, "
+                                 "global vs block-local rewards"),
     "robustness": ("robustness", "bad files, options and requests against every command: one-line errors, "
                                  "no tracebacks, no silent successes"),
     "cpu-quick": ("cpu_quick", "the CPU recipe (maskpro prune --preset cpu-quick) against dense and SparseGPT, "

@@ -92,7 +92,7 @@ def job_for(name: str, a) -> PruneJob | None:
                     finetune=ft, ft_seq_len=a.ft_seq_len, self_gen_rows=a.self_gen_rows if tune else 0,
                     block=BlockReconConfig(a.recon_epochs, a.recon_lr, a.recon_micro_batch, a.seed),
                     learner=LearnerConfig(steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale,
-                                          batch_size=a.batch_size, loss=a.loss,
+                                          batch_size=a.batch_size, loss=a.loss, normalize=a.normalize_adv,
                                           seed=a.seed, checkpoint_every=2 * every, log_every=100),
                     seq_len=a.seq_len, n_docs=a.n_docs, windows_per_doc=a.windows_per_doc, data_root=a.data_dir)
 
@@ -113,8 +113,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=50.0)
     g.add_argument("--lr-schedule", default="linear")
     g.add_argument("--scale", type=float, default=10.0)
-    g.add_argument("--loss", default="ce", choices=["ce", "kd"],
-                   help="learner loss: ce (LM loss, the paper) or kd (against the dense model's distribution)")
+    g.add_argument("--loss", default="ce", choices=["ce", "kd", "local"],
+                   help="learner loss: ce (LM loss, the paper), kd (against the dense model's distribution) or "
+                        "local (one reward per decoder block)")
+    g.add_argument("--normalize-adv", action="store_true", help="learner advantage over its running RMS")
     g.add_argument("--batch-size", type=int, default=None, help="32 (quick 4)")
     g.add_argument("--seq-len", type=int, default=None, help="128 (quick 32)")
     g.add_argument("--n-docs", type=int, default=None, help="512 (quick 16)")

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 START = "--- run started"  # the log line of every attempt at a run
 
 # Options that say how runs are scheduled and where results go, not what a run computes.
-_NOT_IN_KEY = {"workdir", "jobs", "out", "out_dir", "methods", "seeds", "seed", "headline", "prior", "run", "subcommand"}
+_NOT_IN_KEY = {"workdir", "jobs", "out", "out_dir", "methods", "seeds", "seed", "headline", "prior", "run",
+               "subcommand"}
 
 
 def run_key(a: argparse.Namespace, name: str, seed: int) -> dict:

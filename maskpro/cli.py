@@ -125,9 +125,14 @@ def build_parser(command: str | None = None, preset: dict | None = None) -> argp
     g.add_argument("--windows-per-doc", type=int, default=1,
                    help="up to this many --seq-len windows from each document (1: the paper's recipe)")
     g.add_argument("--ema", type=float, default=0.99, help="moving average of the loss residual")
-    g.add_argument("--loss", default="ce", choices=["ce", "kd"],
+    g.add_argument("--normalize-adv", action="store_true",
+                   help="divide the centred residual by its running RMS, so --lr is in units of its spread "
+                        "(per block with --loss local)")
+    g.add_argument("--loss", default="ce", choices=["ce", "kd", "local"],
                    help="ce: LM loss on the data (the paper); kd: cross-entropy against the dense model's "
-                        "next-token distribution (keeps rows x seq-len x vocab teacher probabilities in memory)")
+                        "next-token distribution (keeps rows x seq-len x vocab teacher probabilities in memory); "
+                        "local: one reward per decoder block, its error to the dense block on the dense block's "
+                        "input (keeps every block's dense input for every learning row)")
     g.add_argument("--memory", default="fast", choices=["fast", "lean"],
                    help="fast: flat buffers and a CUDA-graph forward (13 B per fp16 weight); lean: the model's own "
                         "weights plus 4 B of logits per weight, masks redrawn per layer (for big models)")
@@ -229,7 +234,7 @@ def cmd_prune(a: argparse.Namespace) -> dict:
                    learner=LearnerConfig(steps=a.steps, lr=a.lr, lr_schedule=a.lr_schedule, scale=a.scale,
                                          batch_size=a.batch_size, ema=a.ema, loss=a.loss, seed=a.seed,
                                          checkpoint_every=a.checkpoint_every, memory=a.memory,
-                                         micro_batch=a.micro_batch),
+                                         micro_batch=a.micro_batch, normalize=a.normalize_adv),
                    finetune=FinetuneConfig(steps=a.ft_steps, lr=a.ft_lr, batch_size=a.ft_batch_size,
                                            micro_batch=a.ft_micro_batch, loss=a.ft_loss,
                                            temperature=a.ft_temperature, hidden_weight=a.ft_hidden_weight,

@@ -30,10 +30,12 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from . import nm as nmlib
+from .advantage import advantage_
 from .checkpoint import load_tensors, read_tensor_meta, save_tensors, tensor_digest
 from .errors import MaskproError
 from .integrity import check_safetensors
 from .learner_modes import MODES
+from .local_reward import BlockTargets
 from .nm import NM
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,8 @@ class LearnerConfig:
     batch_size: int = 32
     ema: float = 0.99           # moving average of the residual (baseline)
     loss: str = "ce"            # "ce": LM loss on the data (paper); "kd": soft cross-entropy against the
-                                # next-token distribution of the model's weights at construction (the dense model)
+                                # next-token distribution of the model's weights at construction (the dense model);
+                                # "local": one reward per decoder block (maskpro.local_reward)
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 25
@@ -61,6 +64,7 @@ class LearnerConfig:
     compile: bool = True        # fuse sampling and the update on GPUs (torch.compile; Triton kernels in lean mode)
     memory: str = "fast"        # "fast": flat buffers, 13 B per weight in fp16; "lean": the model's own weights
                                 # plus 4 B of logits per weight, masks redrawn per layer (works with device_map)
+    normalize: bool = False     # divide the centred residual by its running RMS (maskpro.advantage)
     micro_batch: int = 0        # rows per forward pass (0: the whole batch of this process); the step loss is
                                 # the mean over micro-batches, so only float rounding depends on it
 
@@ -72,8 +76,8 @@ class LearnerConfig:
         """One-line errors for settings the learner cannot run."""
         if self.lr_schedule not in ("linear", "constant"):
             raise MaskproError(f"unknown lr schedule {self.lr_schedule!r}; use linear or constant")
-        if self.loss not in ("ce", "kd"):
-            raise MaskproError(f"unknown learner loss {self.loss!r}; use ce or kd")
+        if self.loss not in ("ce", "kd", "local"):
+            raise MaskproError(f"unknown learner loss {self.loss!r}; use ce, kd or local")
         if self.memory not in MODES:
             raise MaskproError(f"unknown learner memory mode {self.memory!r}; use {' or '.join(MODES)}")
         if self.memory == "lean" and not self.scale > 0:
@@ -86,8 +90,9 @@ class LearnerConfig:
         d["nm"] = str(self.nm)  # checkpoints record the pattern as "N:M"
         for k in ("steps", "checkpoint_every", "log_every", "cuda_graph", "compile", "micro_batch"):
             d.pop(k)
-        if d["memory"] == "fast":  # the default is left out, so fingerprints match those that predate the option
-            d.pop("memory")
+        for key, default in (("memory", "fast"), ("normalize", False)):
+            if d[key] == default:  # defaults are left out, so fingerprints match those that predate the option
+                d.pop(key)
         return d
 
 
@@ -138,10 +143,13 @@ class MaskProLearner:
         self._set_rows(batches)
         # The teacher is the model as it is now, before the mode swaps in the source weights.
         self.teacher = self._teacher_probs([m.weight.data for m in self.modules]) if config.loss == "kd" else None
+        self.local = BlockTargets(model, self.modules, self.batches, self.bs) if config.loss == "local" else None
         self.mode = mode(self.nm, self.names, self.modules, prior, weights, device=self.device, seed=config.seed,
                          scale=config.scale, compile=config.compile)
-        self.base = torch.zeros(self.n_batches, dtype=torch.float32, device=self.device)
-        self.delta = torch.zeros((), dtype=torch.float32, device=self.device)
+        per = (self.local.n_blocks,) if self.local else ()  # a residual per block with loss="local"
+        self.base = torch.zeros(self.n_batches, *per, dtype=torch.float32, device=self.device)
+        self.delta = torch.zeros(per, dtype=torch.float32, device=self.device)
+        self.var = torch.zeros(per, dtype=torch.float32, device=self.device)  # used with normalize only
         self.residuals = torch.zeros(config.steps, dtype=torch.float32, device=self.device)
         self.losses = torch.zeros(config.steps, dtype=torch.float32, device=self.device)
         self.step = 0
@@ -209,7 +217,7 @@ class MaskProLearner:
 
     def _make_forward(self):
         """Forward + loss; on CUDA captured once in a graph and replayed (weights and ids are static)."""
-        if not self.mode.graphable:
+        if not self.mode.graphable or self.local is not None:  # local losses run block by block
             return self._home_loss
         eager = self._loss
         if self.device.type != "cuda" or not self.cfg.cuda_graph:
@@ -246,6 +254,8 @@ class MaskProLearner:
     def _local_loss(self, b: int, fn) -> torch.Tensor:
         """This process's part of minibatch ``b``: the sum of its micro-batch losses (one term by default)."""
         ids, tgt = self.batch(b), self._target(b)
+        if self.local is not None:  # whole batches: the dense block states were captured per batch
+            return self.local.losses(b).to(self.device)
         if self.micro == self.bs:
             return fn(ids, tgt)
         m = self.micro
@@ -281,14 +291,10 @@ class MaskProLearner:
         t, cfg = self.step, self.cfg
         b = t % self.n_batches
         res = loss - self.base[b]
-        # A non-finite loss (fp16 overflow under an extreme sample) must not poison the logits: skip it.
-        ok = torch.isfinite(res)
-        res0 = torch.where(ok, res, 0.0)
-        self.delta.copy_(torch.where(ok, self.delta * cfg.ema + res0 * (1 - cfg.ema), self.delta))
-        adv = torch.where(ok, (res0 - self.delta) * -self.lr_at(t), 0.0)
-        self.mode.update(adv, t)
-        self.residuals[t] = res
-        self.losses[t] = loss
+        adv = advantage_(res, self.delta, self.var, ema=cfg.ema, lr=self.lr_at(t), step=t, normalize=cfg.normalize)
+        self.mode.update(adv if self.local is None else adv[self.local.layer_block.to(adv.device)], t)
+        self.residuals[t] = res.mean()
+        self.losses[t] = loss.mean()
         self.step = t + 1
 
     def lr_at(self, t: int) -> float:
@@ -332,7 +338,7 @@ class MaskProLearner:
         if self.workdir is None:
             return
         if self.group.is_main:
-            save_tensors({**self.logits(), "base": self.base, "delta": self.delta,
+            save_tensors({**self.logits(), "base": self.base, "delta": self.delta, "var": self.var,
                           "residuals": self.residuals[: self.step], "losses": self.losses[: self.step]},
                          self.workdir / CHECKPOINT, self._meta())
         distributed.barrier()
@@ -371,6 +377,7 @@ class MaskProLearner:
             theta.copy_(tensors[key].view(theta.shape))
         self.base.copy_(tensors["base"])
         self.delta.copy_(tensors["delta"])
+        self.var.copy_(tensors.get("var", self.var))  # checkpoints from before normalize have none (all zero)
         self.residuals[:step] = tensors["residuals"].to(self.device)
         self.losses[:step] = tensors["losses"].to(self.device)
         self.step = step
@@ -384,7 +391,7 @@ class MaskProLearner:
     def finish(self, masks: dict[str, torch.Tensor]) -> None:
         """Write the masked weights into the modules and release the learner's buffers and CUDA graph."""
         self.mode.finish(masks)
-        self.teacher = self._forward = None
+        self.teacher = self._forward = self.local = None
 
     def prepare(self, resume: bool = True) -> None:
         """Resume from the work directory, or compute the initial-mask losses; build the forward pass."""
@@ -421,7 +428,8 @@ class MaskProLearner:
             if self.step % cfg.log_every == 0 or self.step == end or time.perf_counter() - shown > 2.0:
                 shown = time.perf_counter()
                 bar.update(self.step - bar.n)
-                bar.set_postfix(residual=f"{float(self.delta):+.4f}", loss=f"{float(self.losses[self.step - 1]):.3f}")
+                bar.set_postfix(residual=f"{float(self.delta.mean()):+.4f}",
+                                loss=f"{float(self.losses[self.step - 1]):.3f}")
             if self.step % cfg.checkpoint_every == 0 and self.step < end:
                 self.save_checkpoint()
         sync()

@@ -4,7 +4,8 @@ Both modes offer one interface to the learning loop in :mod:`maskpro.learner`:
 
 * ``initial_weights()``: a context in which the model computes with the prior mask (the baseline losses);
 * ``sample(step)``: draw the step's masks, from noise keyed by (seed, step);
-* ``update(adv, step)``: move the logits along the score function of the step's masks, scaled by ``adv``;
+* ``update(adv, step)``: move the logits along the score function of the step's masks, scaled by ``adv`` (a
+  scalar, or one value per target layer);
 * ``logits()`` (the checkpointed tensors, by checkpoint key), ``final_masks()``, ``finish(masks)``.
 
 ``FastMode`` keeps all logits in one flat fp32 buffer and all target weights as views into one flat buffer,
@@ -132,6 +133,7 @@ class FastMode:
         self.theta.copy_(self.mask.float() * scale)
         self.gen = torch.Generator(device=device)
         self.noise = torch.empty(total, dtype=torch.float32, device=device)
+        self.group_layer = None  # layer index of every group, made on the first per-layer update
         fuse = device.type == "cuda" and compile
         self.sample_fn = maybe_compiled(sample_masked, fuse)
         self.update_fn = maybe_compiled(updated, fuse)
@@ -156,6 +158,11 @@ class FastMode:
 
     @torch.no_grad()
     def update(self, adv: torch.Tensor, step: int) -> None:
+        if adv.dim():  # one advantage per layer: spread over that layer's groups
+            if self.group_layer is None:
+                sizes = torch.tensor([(b - a) // self.nm.m for a, b in zip(self.offsets, self.offsets[1:])])
+                self.group_layer = torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(adv.device)
+            adv = adv[self.group_layer].unsqueeze(1)
         new = self.update_fn(self._groups(self.theta), self._groups(self.mask), adv, self.nm.n)
         self.theta.copy_(new.view(-1))
 
@@ -259,6 +266,8 @@ class LeanMode:
             a = per_device.get(theta.device)
             if a is None:
                 a = per_device[theta.device] = adv.to(theta.device, torch.float32)
+            if a.dim():  # one advantage per layer
+                a = a[i:i + 1] if self.kernels is not None else a[i]
             if self.kernels is not None:
                 self.kernels.update_(theta, a, layer_seed(self.seed, step, i))
                 continue

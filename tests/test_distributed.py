@@ -159,7 +159,7 @@ def test_lean_mode_resumes_after_an_interruption(tmp_path, single):
 def test_lean_mode_keeps_only_the_logits_beside_the_model(single):
     """Lean: 4 B of fp32 logits per weight plus O(steps + minibatches) floats; fast: 17 B per fp32 weight."""
     n_weights = sum(m.numel() for m in single["lean"]["masks"].values())
-    scalars = 4 * (ROWS.shape[0] // GLOBAL + 1 + 2 * 16)   # base, delta, residuals, losses
+    scalars = 4 * (ROWS.shape[0] // GLOBAL + 2 + 2 * 16)   # base, delta, var, residuals, losses
     assert single["lean"]["state_bytes"] == 4 * n_weights + scalars
     assert single["fast"]["state_bytes"] == (4 + 4 + 4 + 4 + 1) * n_weights + scalars
 

@@ -105,3 +105,15 @@ def test_separate_runs_merge_resume_and_are_reused(tiny_model_dir, data_root, tm
 def test_jobs_need_a_workdir(tiny_model_dir, tmp_path):
     assert cli.main(["quality", "--model", str(tiny_model_dir), "--quick", "--methods", "dense", "--jobs", "2",
                      "--out", str(tmp_path / "q.json")]) == 2
+
+
+def test_reward_snr_correlates_two_runs_per_block_for_each_loss(tiny_model_dir, data_root, tmp_path):
+    out = tmp_path / "snr.json"
+    assert cli.main(["reward-snr", "--model", str(tiny_model_dir), "--steps", "3", "--rows", "16", "--seq-len", "32",
+                     "--batch-size", "4", "--data-dir", str(data_root), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["results"]
+    assert set(r) == {"ce", "local"}
+    for loss in r.values():
+        assert set(loss["corr_per_block"]) == {"0", "1"} and len(loss["runs"]) == 2
+        assert all(-1 <= c <= 1 for c in loss["corr_per_block"].values())
+        assert loss["corr_whole_model"] != 0  # the two sums are real, independent, nonzero estimates
