@@ -193,6 +193,8 @@ def time_learner(model, layers, prior, batches, graph: bool, a: argparse.Namespa
     timed_steps(learner.train_step, a.warmup, cuda)
     row = _timing(timed_steps(learner.train_step, a.steps, cuda), a.steps, a.max_spread)
     row.update(peak_memory(), cuda_graph=graph and cuda and memory == "fast", memory=memory)
+    if memory == "lean":  # whether the fused Triton draw/update ran (maskpro.lean_kernels) or the eager path
+        row["lean_kernels"] = learner.mode.kernels is not None
     ids, box = learner.batch(0), {}
     phases = {"sample": learner.sample_phase,
               "forward": lambda: box.__setitem__("loss", learner.forward_loss(ids)),
