@@ -30,7 +30,8 @@ from .env import add_output_args, environment, merge_json, output_path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder or .gguf (default SmolLM2-135M-Instruct)")
     p.add_argument("--init", default="wanda", help="prior mask (one-shot method)")
-    p.add_argument("--losses", nargs="+", default=["ce", "local"], choices=["ce", "kd", "local"])
+    p.add_argument("--losses", nargs="+", default=["ce", "local"], choices=["ce", "kd", "local", "row"],
+                   help="row: one reward per output row of every linear (a probe; the learner has no such loss)")
     p.add_argument("--steps", type=int, default=16, help="steps summed by each of the two runs")
     p.add_argument("--scale", type=float, default=5.0, help="initial logits = prior * scale (exploration)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -74,6 +75,53 @@ def summed_gradient(model_path, dtype, device, prior, rows, cfg: LearnerConfig) 
                                                 "residual_mean": sum(out.residuals) / len(out.residuals)}
 
 
+@torch.no_grad()
+def row_sums(model_path, dtype, device, prior, rows, cfg: LearnerConfig) -> tuple[torch.Tensor, list, dict]:
+    """The same sum with one reward per output row of every linear (a probe: the learner has no such loss).
+
+    A row's reward is its squared output error on the dense model's input to that linear (captured once per
+    batch), so only the groups of that row share it: hundreds instead of a block's ~870 K.
+    """
+    model, _ = load_model(model_path, dtype, device)
+    learner = MaskProLearner(model, find_linears(model), prior, rows, cfg, progress=False)
+    mode, m = learner.mode, cfg.nm.m
+    inputs: list[list[torch.Tensor]] = [[] for _ in range(learner.n_batches)]
+    hooks, current = [], {}
+    for i, mod in enumerate(mode.modules):
+        hooks.append(mod.register_forward_hook(
+            lambda _m, args, _o, i=i: inputs[current["b"]].append(args[0].reshape(-1, args[0].shape[-1]))))
+    for b in range(learner.n_batches):  # dense weights: the mode's buffers start as the dense source
+        current["b"] = b
+        mode.w.copy_(mode.w0)
+        model(input_ids=learner.batch(b), use_cache=False)
+    for h in hooks:
+        h.remove()
+    dense = [[x @ w.T for x, w in zip(inputs[b], (mod.weight for mod in mode.modules))] for b in range(len(inputs))]
+
+    def row_errors(b: int) -> torch.Tensor:
+        return torch.cat([(x @ mod.weight.T - y).float().pow(2).mean(0)
+                          for x, mod, y in zip(inputs[b], mode.modules, dense[b])])
+
+    with mode.initial_weights():
+        base = [row_errors(b) for b in range(learner.n_batches)]
+    per_row = torch.cat([torch.full((s[0],), s[1] // m) for s in mode.shapes]).to(mode.theta.device)
+    s_res, s_one = torch.zeros_like(mode.theta), torch.zeros_like(mode.theta)
+    res_sum = torch.zeros_like(base[0])
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        b = step % learner.n_batches
+        mode.sample(step)
+        res = row_errors(b) - base[b]
+        res_sum += res
+        g = policy.log_prob_grad(mode.theta.view(-1, m), mode.mask.view(-1, m), cfg.nm.n)
+        s_res.add_((torch.repeat_interleave(res, per_row).unsqueeze(1) * g).view(-1))
+        s_one.add_(g.view(-1))
+    mean = torch.repeat_interleave(torch.repeat_interleave(res_sum / cfg.steps, per_row), m)
+    wall = time.perf_counter() - t0
+    return s_res - mean * s_one, mode.offsets, {"ms_per_step": 1000 * wall / cfg.steps, "wall_s": wall,
+                                                "residual_mean": float(res_sum.mean() / cfg.steps)}
+
+
 def _first_of_block(learner) -> torch.Tensor:
     """Index of one layer of every block (the per-layer advantages repeat their block's value)."""
     lb = learner.local.layer_block.tolist()
@@ -102,8 +150,9 @@ def run(a: argparse.Namespace) -> object:
         sums, info = [], []
         for seed in (1, 2):
             cfg = LearnerConfig(steps=a.steps, batch_size=a.batch_size, lr=1.0, lr_schedule="constant",
-                                scale=a.scale, loss=loss, seed=seed, cuda_graph=False)
-            acc, offsets, meta = summed_gradient(a.model, dtype, device, prior, rows, cfg)
+                                scale=a.scale, loss="ce" if loss == "row" else loss, seed=seed, cuda_graph=False)
+            probe = row_sums if loss == "row" else summed_gradient
+            acc, offsets, meta = probe(a.model, dtype, device, prior, rows, cfg)
             sums.append(acc)
             info.append(meta)
             print(f"{loss} seed {seed}: {meta}", flush=True)

@@ -110,9 +110,10 @@ def test_jobs_need_a_workdir(tiny_model_dir, tmp_path):
 def test_reward_snr_correlates_two_runs_per_block_for_each_loss(tiny_model_dir, data_root, tmp_path):
     out = tmp_path / "snr.json"
     assert cli.main(["reward-snr", "--model", str(tiny_model_dir), "--steps", "3", "--rows", "16", "--seq-len", "32",
-                     "--batch-size", "4", "--data-dir", str(data_root), "--out", str(out)]) == 0
+                     "--batch-size", "4", "--losses", "ce", "local", "row", "--data-dir", str(data_root),
+                     "--out", str(out)]) == 0
     r = json.loads(out.read_text())["results"]
-    assert set(r) == {"ce", "local"}
+    assert set(r) == {"ce", "local", "row"}
     for loss in r.values():
         assert set(loss["corr_per_block"]) == {"0", "1"} and len(loss["runs"]) == 2
         assert all(-1 <= c <= 1 for c in loss["corr_per_block"].values())
