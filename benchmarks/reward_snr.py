@@ -51,12 +51,13 @@ def summed_gradient(model_path, dtype, device, prior, rows, cfg: LearnerConfig) 
     s_res = torch.zeros_like(mode.theta)    # sum over steps of residual * score
     s_one = torch.zeros_like(mode.theta)    # sum over steps of score
     res_sum = torch.zeros_like(learner.delta)
+    first = _first_of_block(learner) if learner.local is not None else None
 
     def accumulate(adv: torch.Tensor, step: int) -> None:
         g = policy.log_prob_grad(mode.theta.view(-1, cfg.nm.m), mode.mask.view(-1, cfg.nm.m), cfg.nm.n)
         delta = learner.delta if learner.local is None else learner.delta[learner.local.layer_block]
         res = delta - adv  # adv = -(res - delta) at lr 1: the raw residual of this step (per layer if local)
-        res_sum.add_(learner.delta - (adv if learner.local is None else adv[_first_of_block(learner)]))
+        res_sum.add_(learner.delta - (adv if first is None else adv[first]))
         if res.dim():
             res = torch.repeat_interleave(res, sizes.to(res.device)).unsqueeze(1)
         s_res.add_((res * g).view(-1))

@@ -4,8 +4,8 @@ Pure tensor math on the device (no host sync). The residual is a scalar for the 
 (one per decoder block) for ``loss="local"``; everything here is elementwise, so both take the same path.
 With ``normalize`` the centred residual is also divided by the running root-mean-square of itself
 (bias-corrected like Adam's second moment), so ``lr`` is in units of the residual's own spread: block-local
-residuals of a 135M model differ thirtyfold between the first and the last block, and a loss's scale would
-otherwise be baked into its learning rate.
+residuals differ by orders of magnitude between early and late blocks, and a loss's scale would otherwise be
+baked into its learning rate.
 """
 
 from __future__ import annotations

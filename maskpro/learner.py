@@ -143,7 +143,8 @@ class MaskProLearner:
         self._set_rows(batches)
         # The teacher is the model as it is now, before the mode swaps in the source weights.
         self.teacher = self._teacher_probs([m.weight.data for m in self.modules]) if config.loss == "kd" else None
-        self.local = BlockTargets(model, self.modules, self.batches, self.bs) if config.loss == "local" else None
+        self.local = (BlockTargets(model, self.modules, self.batches, self.bs, self.device)
+                      if config.loss == "local" else None)
         self.mode = mode(self.nm, self.names, self.modules, prior, weights, device=self.device, seed=config.seed,
                          scale=config.scale, compile=config.compile)
         per = (self.local.n_blocks,) if self.local else ()  # a residual per block with loss="local"
@@ -292,7 +293,7 @@ class MaskProLearner:
         b = t % self.n_batches
         res = loss - self.base[b]
         adv = advantage_(res, self.delta, self.var, ema=cfg.ema, lr=self.lr_at(t), step=t, normalize=cfg.normalize)
-        self.mode.update(adv if self.local is None else adv[self.local.layer_block.to(adv.device)], t)
+        self.mode.update(adv if self.local is None else adv[self.local.layer_block], t)
         self.residuals[t] = res.mean()
         self.losses[t] = loss.mean()
         self.step = t + 1

@@ -1,9 +1,8 @@
 """Block-local rewards for the MaskPro learner: each decoder block's masks are scored by that block's own error.
 
 The paper's learner scores the whole model's sampled mask with one number, the change of the LM loss. Every
-group of M weights then shares the credit of one scalar per step with millions of others, so a run of ten
-thousand steps can only find the few thousand changes that matter most (from SparseGPT's mask it changes
-about 0.01% of the groups). With ``loss="local"`` every block gets its own reward: the block runs on the dense
+group of M weights then shares the credit of one scalar per step with millions of others, so a run can
+only find the few changes that matter most (docs/results.md measures how little a step knows). With ``loss="local"`` every block gets its own reward: the block runs on the dense
 model's input to it, so no other block's draw moves its score, and its loss is the squared error to the dense
 block's output, divided by that output's mean square. Residual, moving-average baseline and update are the
 paper's, per block; the logits of a block's linears move by that block's advantage.
@@ -26,7 +25,8 @@ from .oneshot import capture_first_layer, input_device, layer_out, to_block_devi
 class BlockTargets:
     """The dense model's per-block inputs and outputs on every learning batch, and the blocks' losses."""
 
-    def __init__(self, model: nn.Module, modules: list[nn.Linear], rows: torch.Tensor, batch_size: int):
+    def __init__(self, model: nn.Module, modules: list[nn.Linear], rows: torch.Tensor, batch_size: int,
+                 device: torch.device | str = "cpu"):
         layers = decoder_layers(model)
         block_of = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
         outside = [i for i, m in enumerate(modules) if id(m) not in block_of]
@@ -36,7 +36,8 @@ class BlockTargets:
         used = sorted({block_of[id(m)] for m in modules})
         self.blocks = [layers[i] for i in used]
         position = {b: k for k, b in enumerate(used)}
-        self.layer_block = torch.tensor([position[block_of[id(m)]] for m in modules])
+        # on the learner's device: it indexes the per-block advantages every step
+        self.layer_block = torch.tensor([position[block_of[id(m)]] for m in modules], device=device)
         self.n_blocks = len(used)
         # states[b][k] is the dense input of block used[k] for batch b; states[b][k + 1] its dense output when
         # the blocks are consecutive, else outputs[b][k] holds it.

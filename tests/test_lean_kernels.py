@@ -79,7 +79,7 @@ def _check(device: str, env: dict) -> dict:
 def _assert_matches(out: dict) -> None:
     for case in out["cases"]:
         assert case["draw_equal"] and case["strict"], case
-        assert case["update_err"] < 1e-3, case  # logits up to ~10: fp32 rounding, fast exp on GPUs (2e-4 seen)
+        assert case["update_err"] < 1e-3, case  # logits up to ~10: fp32 rounding and the GPU's fast exp
         assert 0.49 < case["u_mean"] < 0.51 and case["u_min"] < 0.01 and case["u_max"] > 0.99, case
         assert not case["other_seed_same"], case
     assert out["layer_draw_equal"] and out["final_strict"], out

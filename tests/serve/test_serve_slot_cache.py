@@ -178,7 +178,7 @@ def test_cuda_graph_decode_matches_dynamic_cache(tiny_model_dir, small_columns):
         assert engine.info()["kv_cache"]["kind"] == "static"
         _check(engine)
         graphs = engine.info()["cuda_graphs"]
-        # one decode graph per (rows, columns) bucket these prompts reach: 3 on an H100 (2026-12-05)
+        # one decode graph per (rows, columns) bucket these prompts reach: three of them
         assert graphs["active"] is True and graphs["captured"] >= 3, graphs
         assert graphs["prefill"]["active"] is True and graphs["prefill"]["captured"] >= 3, graphs  # lengths 16..64
     finally:
