@@ -29,6 +29,8 @@ SUBCOMMANDS = {
     "quality": ("quality", "perplexity and zero-shot accuracy of every pruning method on a model"),
     "reward-snr": ("reward_snr", "signal per MaskPro step: two independent policy-gradient sums correlated, "
                                  "global vs block-local rewards"),
+    "mask-search": ("mask_search", "SparseGPT's mask against the learner's with row-local rewards (and a greedy "
+                                   "ceiling), scored by every row's exact output error"),
     "robustness": ("robustness", "bad files, options and requests against every command: one-line errors, "
                                  "no tracebacks, no silent successes"),
     "cpu-quick": ("cpu_quick", "the CPU recipe (maskpro prune --preset cpu-quick) against dense and SparseGPT, "

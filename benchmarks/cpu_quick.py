@@ -45,7 +45,8 @@ ROWS = {"dense": "dense", "sparsegpt": "sparsegpt (same calibration)", "preset":
         "ft": "cpu-quick preset + sparse fine-tune"}
 
 
-def _timed(argv: list[str]) -> float:
+def timed(argv: list[str]) -> float:
+    """Run one ``maskpro`` command in this process; its wall time in seconds (a failure stops the benchmark)."""
     t0 = time.perf_counter()
     code = maskpro(argv)
     if code != 0:
@@ -78,12 +79,12 @@ def run(a: argparse.Namespace) -> Path:
             if prune_args is not None:
                 out = Path(tmp) / name.replace(" ", "-")
                 row["prune_argv"] = ["maskpro", "prune", *prune_args, "--out", "OUT"]
-                row["prune_s"] = _timed(["prune", *common, *prune_args, "--out", str(out), "-q"])
+                row["prune_s"] = timed(["prune", *common, *prune_args, "--out", str(out), "-q"])
                 model = ["--model", str(out), *data]
                 row[METADATA] = {k: v for k, v in read_meta(out).to_dict().items()
                                  if k in ("method", "calibration", "learner", "refit_before_learning", "finetune")}
             scores = Path(tmp) / f"{name.replace(' ', '-')}-eval.json"
-            row["eval_s"] = _timed(["eval", *model, "--quick", "--device", "cpu", "-q", "--json", str(scores)])
+            row["eval_s"] = timed(["eval", *model, "--quick", "--device", "cpu", "-q", "--json", str(scores)])
             row["perplexity"] = json.loads(scores.read_text())["perplexity"]
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("method", "perplexity") if k in row}), flush=True)

@@ -113,9 +113,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=50.0)
     g.add_argument("--lr-schedule", default="linear")
     g.add_argument("--scale", type=float, default=10.0)
-    g.add_argument("--loss", default="ce", choices=["ce", "kd", "local"],
-                   help="learner loss: ce (LM loss, the paper), kd (against the dense model's distribution) or "
-                        "local (one reward per decoder block)")
+    g.add_argument("--loss", default="ce", choices=["ce", "kd", "local", "row", "group"],
+                   help="learner loss: ce (LM loss, the paper), kd (against the dense model's distribution), "
+                        "local (one reward per decoder block), row (one per output row, exact, no forward "
+                        "pass) or group (row rewards split over their groups)")
     g.add_argument("--normalize-adv", action="store_true", help="learner advantage over its running RMS")
     g.add_argument("--batch-size", type=int, default=None, help="32 (quick 4)")
     g.add_argument("--seq-len", type=int, default=None, help="128 (quick 32)")

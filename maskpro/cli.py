@@ -127,12 +127,14 @@ def build_parser(command: str | None = None, preset: dict | None = None) -> argp
     g.add_argument("--ema", type=float, default=0.99, help="moving average of the loss residual")
     g.add_argument("--normalize-adv", action="store_true",
                    help="divide the centred residual by its running RMS, so --lr is in units of its spread "
-                        "(per block with --loss local)")
-    g.add_argument("--loss", default="ce", choices=["ce", "kd", "local"],
+                        "(per block with --loss local, per row or group with row or group)")
+    g.add_argument("--loss", default="ce", choices=["ce", "kd", "local", "row", "group"],
                    help="ce: LM loss on the data (the paper); kd: cross-entropy against the dense model's "
                         "next-token distribution (keeps rows x seq-len x vocab teacher probabilities in memory); "
                         "local: one reward per decoder block, its error to the dense block on the dense block's "
-                        "input (keeps every block's dense input for every learning row)")
+                        "input (keeps every block's dense input for every learning row); row: one reward per "
+                        "output row of every linear, its exact error on the dense inputs (X^T X of all learning "
+                        "tokens, no forward pass per step; fast memory mode); group: the same split over groups")
     g.add_argument("--memory", default="fast", choices=["fast", "lean"],
                    help="fast: flat buffers and a CUDA-graph forward (13 B per fp16 weight); lean: the model's own "
                         "weights plus 4 B of logits per weight, masks redrawn per layer (for big models)")

@@ -31,16 +31,15 @@ from tqdm.auto import tqdm
 from . import distributed
 from . import nm as nmlib
 from .advantage import advantage_
-from .checkpoint import load_tensors, read_tensor_meta, save_tensors, tensor_digest
+from .checkpoint import tensor_digest
 from .errors import MaskproError
-from .integrity import check_safetensors
+from .learner_checkpoint import CHECKPOINT, Checkpointed  # noqa: F401 (CHECKPOINT: part of this API)
 from .learner_modes import MODES
 from .local_reward import BlockTargets
 from .nm import NM
+from .row_reward import RowTargets
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "learner-state.safetensors"
 
 
 @dataclass
@@ -56,7 +55,9 @@ class LearnerConfig:
     ema: float = 0.99           # moving average of the residual (baseline)
     loss: str = "ce"            # "ce": LM loss on the data (paper); "kd": soft cross-entropy against the
                                 # next-token distribution of the model's weights at construction (the dense model);
-                                # "local": one reward per decoder block (maskpro.local_reward)
+                                # "local": one reward per decoder block (maskpro.local_reward); "row": one
+                                # per output row of every linear, no forward pass (maskpro.row_reward);
+                                # "group": each row's reward split exactly over its groups
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 25
@@ -76,8 +77,10 @@ class LearnerConfig:
         """One-line errors for settings the learner cannot run."""
         if self.lr_schedule not in ("linear", "constant"):
             raise MaskproError(f"unknown lr schedule {self.lr_schedule!r}; use linear or constant")
-        if self.loss not in ("ce", "kd", "local"):
-            raise MaskproError(f"unknown learner loss {self.loss!r}; use ce, kd or local")
+        if self.loss not in ("ce", "kd", "local", "row", "group"):
+            raise MaskproError(f"unknown learner loss {self.loss!r}; use ce, kd, local, row or group")
+        if self.loss in ("row", "group") and self.memory != "fast":
+            raise MaskproError(f"--loss {self.loss} scores rows from the fast mode's flat buffers; use --memory fast")
         if self.memory not in MODES:
             raise MaskproError(f"unknown learner memory mode {self.memory!r}; use {' or '.join(MODES)}")
         if self.memory == "lean" and not self.scale > 0:
@@ -106,10 +109,10 @@ class LearnResult:
     losses: list[float] = field(default_factory=list)
     baseline_loss: float = float("nan")
     skipped_steps: int = 0      # steps whose loss was not finite (no update was made)
+    final_loss: float | None = None  # row/group: the final mask's mean relative row error (baseline_loss: prior's)
 
 
-
-class MaskProLearner:
+class MaskProLearner(Checkpointed):
     """Learns N:M masks for ``layers`` of ``model`` from ``prior`` masks on fixed token ``batches``.
 
     ``weights`` optionally replaces the dense weights the masks are applied to (e.g. SparseGPT's
@@ -145,9 +148,16 @@ class MaskProLearner:
         self.teacher = self._teacher_probs([m.weight.data for m in self.modules]) if config.loss == "kd" else None
         self.local = (BlockTargets(model, self.modules, self.batches, self.bs, self.device)
                       if config.loss == "local" else None)
+        self.rows = (RowTargets(model, self.modules, self.batches, self.bs, self.device)
+                     if config.loss in ("row", "group") else None)
         self.mode = mode(self.nm, self.names, self.modules, prior, weights, device=self.device, seed=config.seed,
                          scale=config.scale, compile=config.compile)
-        per = (self.local.n_blocks,) if self.local else ()  # a residual per block with loss="local"
+        if self.rows is not None:
+            self.rows.bind(self.mode.layer_views(self.mode.w0), self.mode.layer_views(self.mode.mask))
+            self.n_batches = 1  # the rows' Gram matrices hold every learning token: one "minibatch"
+        # a residual per block with loss="local", per output row with "row", per group with "group"
+        per = ((self.local.n_blocks,) if self.local else (self.rows.n_rows,) if config.loss == "row"
+               else (self.mode.theta.numel() // self.nm.m,) if config.loss == "group" else ())
         self.base = torch.zeros(self.n_batches, *per, dtype=torch.float32, device=self.device)
         self.delta = torch.zeros(per, dtype=torch.float32, device=self.device)
         self.var = torch.zeros(per, dtype=torch.float32, device=self.device)  # used with normalize only
@@ -218,7 +228,7 @@ class MaskProLearner:
 
     def _make_forward(self):
         """Forward + loss; on CUDA captured once in a graph and replayed (weights and ids are static)."""
-        if not self.mode.graphable or self.local is not None:  # local losses run block by block
+        if not self.mode.graphable or self.local is not None or self.rows is not None:  # no whole-model forward
             return self._home_loss
         eager = self._loss
         if self.device.type != "cuda" or not self.cfg.cuda_graph:
@@ -257,6 +267,10 @@ class MaskProLearner:
         ids, tgt = self.batch(b), self._target(b)
         if self.local is not None:  # whole batches: the dense block states were captured per batch
             return self.local.losses(b).to(self.device)
+        if self.rows is not None:  # every learning row at once, the same on every process
+            masks = self.mode.layer_views(self.mode.mask)
+            return (self.rows.losses(masks) if self.cfg.loss == "row"
+                    else self.rows.group_residuals(masks, self.nm.m))
         if self.micro == self.bs:
             return fn(ids, tgt)
         m = self.micro
@@ -268,6 +282,8 @@ class MaskProLearner:
         The sum is exact for two terms, so 2 processes give the same bits as one process running the same
         micro-batches; a NaN or inf on any rank reaches every rank, which then all skip the update.
         """
+        if self.rows is not None:  # already computed from all processes' rows
+            return local
         if self.group.distributed:
             distributed.all_sum_(local)
         return local if self.n_micro == 1 else local.div_(self.n_micro)
@@ -314,76 +330,16 @@ class MaskProLearner:
 
         Fast mode: logits, noise, mask and two weight copies (13 B per fp16 weight, the masked copy being
         what the model reads). Lean mode: the 4 B of logits per weight plus a few floats per step and
-        minibatch; per-layer transients exist only while a layer runs.
+        minibatch; per-layer transients exist only while a layer runs. Row losses add their Gram matrices.
         """
-        mine = [v for k, v in vars(self).items() if k not in ("model", "modules", "batches", "teacher", "mode")]
+        mine = [v for k, v in vars(self).items() if k not in ("model", "modules", "batches", "teacher", "mode", "rows")]
         seen, total = set(), 0
         for value in mine + list(vars(self.mode).values()):
             for t in value if isinstance(value, list) else [value]:
                 if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
                     seen.add(t.untyped_storage().data_ptr())
                     total += t.untyped_storage().nbytes()
-        return total
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def _meta(self) -> dict:
-        return {"step": self.step, "config": self.cfg.fingerprint(), "layers": self.names,
-                "prior": self.prior_digest, "data": self.data_digest}
-
-    def logits(self) -> dict[str, torch.Tensor]:
-        """The logits by checkpoint key (the mode decides the keys)."""
-        return self.mode.logits()
-
-    def save_checkpoint(self) -> None:
-        """Rank 0 writes (atomically); the others wait, so every rank resumes from the same file."""
-        if self.workdir is None:
-            return
-        if self.group.is_main:
-            save_tensors({**self.logits(), "base": self.base, "delta": self.delta, "var": self.var,
-                          "residuals": self.residuals[: self.step], "losses": self.losses[: self.step]},
-                         self.workdir / CHECKPOINT, self._meta())
-        distributed.barrier()
-
-    @staticmethod
-    def check_resumable(workdir, cfg: LearnerConfig, names: list[str]) -> None:
-        """Refuse, before any prior is computed, a checkpoint that another configuration wrote."""
-        path = Path(workdir) / CHECKPOINT if workdir else None
-        if path is None or not path.is_file():
-            return
-        check_safetensors(path)
-        meta = read_tensor_meta(path)
-        for key, mine in (("config", cfg.fingerprint()), ("layers", names)):
-            if meta.get(key) != mine:
-                raise MaskproError(f"the checkpoint in {workdir} was made with different {key} "
-                                   f"({meta.get(key)} vs {mine}); use a new --workdir or pass --restart")
-        if int(meta.get("step", 0)) > cfg.steps:
-            raise MaskproError(f"the checkpoint in {workdir} is at step {meta['step']}, past --steps {cfg.steps}; "
-                               "raise --steps or use a new --workdir")
-
-    def try_resume(self) -> bool:
-        """Continue from the work directory's checkpoint if it was made by the same settings."""
-        if self.workdir is None or not (self.workdir / CHECKPOINT).is_file():
-            return False
-        tensors, meta = load_tensors(self.workdir / CHECKPOINT)
-        mine = self._meta()
-        for key in ("config", "layers", "prior", "data"):
-            if meta.get(key) != mine[key]:
-                raise MaskproError(f"the checkpoint in {self.workdir} was made with different {key} "
-                                   f"({meta.get(key)} vs {mine[key]}); use a new --workdir or pass --restart")
-        step = int(meta["step"])
-        if step > self.cfg.steps:
-            raise MaskproError(f"the checkpoint in {self.workdir} is at step {step}, past --steps {self.cfg.steps}; "
-                               "raise --steps or use a new --workdir")
-        for key, theta in self.logits().items():
-            theta.copy_(tensors[key].view(theta.shape))
-        self.base.copy_(tensors["base"])
-        self.delta.copy_(tensors["delta"])
-        self.var.copy_(tensors.get("var", self.var))  # checkpoints from before normalize have none (all zero)
-        self.residuals[:step] = tensors["residuals"].to(self.device)
-        self.losses[:step] = tensors["losses"].to(self.device)
-        self.step = step
-        log.info("resumed from %s at step %d", self.workdir / CHECKPOINT, step)
-        return True
+        return total + (self.rows.state_bytes() if self.rows is not None else 0)
 
     # ---------------------------------------------------------------------------------------------- driver
     def final_masks(self) -> dict[str, torch.Tensor]:
@@ -392,7 +348,7 @@ class MaskProLearner:
     def finish(self, masks: dict[str, torch.Tensor]) -> None:
         """Write the masked weights into the modules and release the learner's buffers and CUDA graph."""
         self.mode.finish(masks)
-        self.teacher = self._forward = self.local = None
+        self.teacher = self._forward = self.local = self.rows = None
 
     def prepare(self, resume: bool = True) -> None:
         """Resume from the work directory, or compute the initial-mask losses; build the forward pass."""
@@ -438,8 +394,11 @@ class MaskProLearner:
         bar.close()
         self.save_checkpoint()
         n = self.step - s0
-        return LearnResult(masks=self.final_masks(), steps=self.step, wall_s=wall,
+        masks = self.final_masks()
+        final = (float(self.rows.losses([masks[k].to(self.device) for k in self.names]).mean())
+                 if self.rows is not None else None)
+        return LearnResult(masks=masks, steps=self.step, wall_s=wall, final_loss=final,
                            ms_per_step=1000 * wall / n if n else float("nan"),
                            residuals=self.residuals[: self.step].tolist(), losses=self.losses[: self.step].tolist(),
-                           baseline_loss=float(self.base.mean()),
+                           baseline_loss=float((self.base if self.rows is None else self.rows.base).mean()),
                            skipped_steps=int((~torch.isfinite(self.residuals[: self.step])).sum()))

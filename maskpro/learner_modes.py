@@ -133,7 +133,7 @@ class FastMode:
         self.theta.copy_(self.mask.float() * scale)
         self.gen = torch.Generator(device=device)
         self.noise = torch.empty(total, dtype=torch.float32, device=device)
-        self.group_layer = None  # layer index of every group, made on the first per-layer update
+        self.repeats: dict[int, torch.Tensor] = {}  # groups per layer or per row, by advantage length
         fuse = device.type == "cuda" and compile
         self.sample_fn = maybe_compiled(sample_masked, fuse)
         self.update_fn = maybe_compiled(updated, fuse)
@@ -158,13 +158,29 @@ class FastMode:
 
     @torch.no_grad()
     def update(self, adv: torch.Tensor, step: int) -> None:
-        if adv.dim():  # one advantage per layer: spread over that layer's groups
-            if self.group_layer is None:
-                sizes = torch.tensor([(b - a) // self.nm.m for a, b in zip(self.offsets, self.offsets[1:])])
-                self.group_layer = torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(adv.device)
-            adv = adv[self.group_layer].unsqueeze(1)
+        if adv.dim():  # one advantage per layer or per output row: spread over its groups
+            adv = self._spread(adv).unsqueeze(1)
         new = self.update_fn(self._groups(self.theta), self._groups(self.mask), adv, self.nm.n)
         self.theta.copy_(new.view(-1))
+
+    def _spread(self, adv: torch.Tensor) -> torch.Tensor:
+        """Repeat one value per layer (``len(adv)`` = layers) or per output row over its groups (or take one per
+        group as it is), on the device."""
+        if adv.numel() == self.theta.numel() // self.nm.m:  # one per group already
+            return adv
+        counts = self.repeats.get(adv.numel())
+        if counts is None:
+            m = self.nm.m
+            per = ([s.numel() // m for s in self.shapes] if adv.numel() == len(self.shapes)
+                   else [s[1] // m for s in self.shapes for _ in range(s[0])])
+            if len(per) != adv.numel():
+                raise ValueError(f"{adv.numel()} advantages fit neither {len(self.shapes)} layers nor {len(per)} rows")
+            counts = self.repeats[adv.numel()] = torch.tensor(per, device=adv.device)
+        return torch.repeat_interleave(adv, counts, output_size=self.theta.numel() // self.nm.m)
+
+    def layer_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer views of a flat buffer (``w0``, ``mask``) in the layers' weight shapes."""
+        return [flat[a:b].view(s) for a, b, s in zip(self.offsets, self.offsets[1:], self.shapes)]
 
     def logits(self) -> dict[str, torch.Tensor]:
         return {"theta": self.theta}

@@ -286,7 +286,8 @@ def _learn(model, tokenizer, job: PruneJob, nm: NM, layers: dict, dense: dict[st
     info["learner"] = {**job.learner.fingerprint(), "steps": result.steps, "wall_s": result.wall_s,
                        "ms_per_step": result.ms_per_step, "learn_on": job.learn_on, "memory": job.learner.memory,
                        "processes": distributed.current().world_size,
-                       "baseline_loss": result.baseline_loss, "skipped_steps": result.skipped_steps,
+                       "baseline_loss": result.baseline_loss, "final_loss": result.final_loss,
+                       "skipped_steps": result.skipped_steps,
                        "final_residual_ema": sum(result.residuals[-50:]) / max(1, len(result.residuals[-50:]))}
     changed = sum(int((result.masks[n] != prior.masks[n]).sum()) for n in layers)
     info["learner"]["changed_fraction"] = changed / sum(m.numel() for m in result.masks.values())

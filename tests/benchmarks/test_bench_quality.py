@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from maskpro.bench import cli
 
 
@@ -118,3 +120,17 @@ def test_reward_snr_correlates_two_runs_per_block_for_each_loss(tiny_model_dir, 
         assert set(loss["corr_per_block"]) == {"0", "1"} and len(loss["runs"]) == 2
         assert all(-1 <= c <= 1 for c in loss["corr_per_block"].values())
         assert loss["corr_whole_model"] != 0  # the two sums are real, independent, nonzero estimates
+
+
+def test_mask_search_reports_row_errors_of_prior_learned_and_greedy_masks(tiny_model_dir, data_root, tmp_path):
+    out = tmp_path / "search.json"
+    assert cli.main(["mask-search", "--model", str(tiny_model_dir), "--targets", "model.layers.1.*", "--steps", "4",
+                     "--variants", "group:3000", "row:1", "--greedy", "--data-dir", str(data_root),
+                     "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [row["variant"] for row in r["rows"]] == ["group:3000", "row:1"]
+    prior = r["greedy"]["prior_row_error"]
+    for row in r["rows"]:
+        assert row["baseline_loss"] == pytest.approx(prior, rel=1e-4)  # both score the same prior the same way
+        assert row["final_loss"] > 0 and 0 <= row["changed_fraction"] < 0.5
+    assert 0 < r["greedy"]["greedy_row_error"] < prior  # the exact search always finds something better
