@@ -16,7 +16,10 @@ D = s * (m - m_prior) (nonzero only where the draw left the prior) the residual 
 
 G computed once. The residual, moving-average baseline and score-function update are the paper's, one per row;
 rows differ by orders of magnitude in how much their draws matter, so their advantages are normalized
-(``LearnerConfig.normalize``). What a row reward cannot see is how an error grows through later layers; the
+(``LearnerConfig.normalize``). With ``loss="group"`` each row's residual is split exactly over its groups
+(:meth:`RowTargets.group_residuals`), so a group is credited with its own change, not its neighbours' draws:
+from a strong prior, where almost every draw is worse, that is the rule that learns (docs/results.md,
+``maskpro-bench mask-search``). What a row reward cannot see is how an error grows through later layers; the
 block re-fit and fine-tune after the learner correct for that, as they do for SparseGPT's masks.
 """
 
