@@ -31,6 +31,10 @@ from .cpu_quick import timed
 from .env import add_output_args, environment, output_path
 
 
+# The learner's rows (the greedy ceiling builds the same X^T X from them, so both score one prior alike)
+N_DOCS, SEQ_LEN, BATCH = 512, 128, 8
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--data-dir", default=None, help="folder laid out like shared/data (default: ../shared/data)")
@@ -47,7 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @torch.no_grad()
 def greedy_ceiling(model_arg, data_dir, prior_file: Path, device: str, sweeps: int = 2) -> dict:
-    """Coordinate descent over every group's patterns with the exact row error, from the prior's mask."""
+    """Coordinate descent over every group's 2:4 patterns with the exact row error, from the prior's mask.
+
+    The learner's own :class:`RowTargets` gives the prior's error, G = E H and the energies; the search then
+    tracks (E H) and the error change of every accepted swap, so E itself is never formed.
+    """
     from safetensors.torch import load_file
 
     from maskpro import data
@@ -57,47 +65,43 @@ def greedy_ceiling(model_arg, data_dir, prior_file: Path, device: str, sweeps: i
 
     model, tok = load_model(model_arg, "float32", device)
     tensors = load_file(str(prior_file))
-    names = [k[len("mask."):] for k in tensors if k.startswith("mask.")]
-    layers = find_linears(model, names)
+    layers = find_linears(model, [k[len("mask."):] for k in tensors if k.startswith("mask.")])
     names = list(layers)
-    rows = data.learning_batches(tok, 512, 128, data_dir, None, 1, 0)
-    targets = RowTargets(model, [layers[n] for n in names], rows, 8, device)
+    rows = data.learning_batches(tok, N_DOCS, SEQ_LEN, data_dir, None, 1, 0)
+    targets = RowTargets(model, [layers[n] for n in names], rows, BATCH, device)
+    sources = [tensors[f"decided.{n}"].to(device).float() for n in names]
+    masks = [unpack_mask(tensors[f"mask.{n}"], tuple(layers[n].weight.shape)).to(device).float() for n in names]
+    targets.bind(sources, masks)
     m = 4
     patterns = torch.tensor([[1.0 if j in c else 0.0 for j in range(m)] for c in itertools.combinations(range(m), 2)],
                             device=device)
-    prior_err, greedy_err = [], []
-    for i, n in enumerate(names):
-        h, w = targets.grams[targets.gram_of[i]], layers[n].weight.data.float()
-        s = tensors[f"decided.{n}"].to(device).float()
-        mask = unpack_mask(tensors[f"mask.{n}"], tuple(w.shape)).to(device).float()
-        e = w - s * mask
-        eh = e @ h
-        energy = ((w @ h) * w).sum(1)
-        prior_err.append((eh * e).sum(1) / energy)
+    change = []
+    for i, (s, mask) in enumerate(zip(sources, masks)):
+        h, eh = targets.grams[targets.gram_of[i]], targets.g[i].clone()
+        total = torch.zeros(s.shape[0], device=device)
         for _ in range(sweeps):
-            for g in range(w.shape[1] // m):
+            for g in range(s.shape[1] // m):
                 cols = slice(m * g, m * g + m)
-                cur, best, gain = mask[:, cols], mask[:, cols].clone(), torch.zeros(w.shape[0], device=device)
+                cur, best, gain = mask[:, cols], mask[:, cols].clone(), torch.zeros(s.shape[0], device=device)
                 for p in patterns:
                     d = s[:, cols] * (p - cur)
                     delta = -2 * (d * eh[:, cols]).sum(1) + ((d @ h[cols, cols]) * d).sum(1)
                     better = delta < gain
                     gain = torch.where(better, delta, gain)
                     best[better] = p
-                d = s[:, cols] * (best - cur)
-                e[:, cols] -= d
-                eh -= d @ h[cols, :]
+                eh -= (s[:, cols] * (best - cur)) @ h[cols, :]
                 mask[:, cols] = best
-        greedy_err.append((eh * e).sum(1) / energy)
-    return {"prior_row_error": float(torch.cat(prior_err).mean()),
-            "greedy_row_error": float(torch.cat(greedy_err).mean()), "sweeps": sweeps}
+                total += gain
+        change.append(total)
+    greedy = targets.base + torch.cat(change) / targets.energy
+    return {"prior_row_error": float(targets.base.mean()), "greedy_row_error": float(greedy.mean()), "sweeps": sweeps}
 
 
 def run(a: argparse.Namespace) -> Path:
     common = [*(["--model", a.model] if a.model else []), *(["--data-dir", a.data_dir] if a.data_dir else [])]
     data = ["--data-dir", a.data_dir] if a.data_dir else []
-    base = ["--preset", "cpu-quick", "--targets", a.targets, "--device", a.device, "--n-docs", "512",
-            "--seq-len", "128", "--batch-size", "8", "--checkpoint-every", "100", "-q"]
+    base = ["--preset", "cpu-quick", "--targets", a.targets, "--device", a.device, "--n-docs", str(N_DOCS),
+            "--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH), "--checkpoint-every", "100", "-q"]
     rows: list[dict] = []
     result: dict = {"targets": a.targets, "steps": a.steps, "scale": a.scale}
     with tempfile.TemporaryDirectory(prefix="maskpro-mask-search-") as tmp:

@@ -2,10 +2,11 @@
 
 The paper's learner scores the whole model's sampled mask with one number, the change of the LM loss. Every
 group of M weights then shares the credit of one scalar per step with millions of others, so a run can
-only find the few changes that matter most (docs/results.md measures how little a step knows). With ``loss="local"`` every block gets its own reward: the block runs on the dense
-model's input to it, so no other block's draw moves its score, and its loss is the squared error to the dense
-block's output, divided by that output's mean square. Residual, moving-average baseline and update are the
-paper's, per block; the logits of a block's linears move by that block's advantage.
+only find the few changes that matter most (docs/results.md measures how little a step knows). With
+``loss="local"`` every block gets its own reward: the block runs on the dense model's input to it, so no
+other block's draw moves its score, and its loss is the squared error to the dense block's output, divided
+by that output's mean square. Residual, moving-average baseline and update are the paper's, per block; the
+logits of a block's linears move by that block's advantage.
 
 This is the credit assignment of layer-wise pruning (SparseGPT, block re-fitting) given to the score-function
 update. What it cannot see is how an error grows through later blocks; the block re-fit and fine-tune after

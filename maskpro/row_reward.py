@@ -97,16 +97,15 @@ class RowTargets:
         self.dense = None  # G and the energies hold all the learner needs of the dense weights
 
     def _terms(self, masks: list[torch.Tensor]):
-        """Per layer, the elementwise terms whose row sums are the rows' error residuals against the prior."""
+        """Per layer, the elementwise terms -2 D G + D (H D): their row sums are the residuals against the prior."""
         for i, (s, p, m) in enumerate(zip(self.sources, self.prior, masks)):
             d = s.float() * (m.reshape(p.shape).float() - p.float())
-            yield i, d, -2 * d * self.g[i]
+            yield i, -2 * d * self.g[i] + (d @ self.grams[self.gram_of[i]]) * d
 
     @torch.no_grad()
     def losses(self, masks: list[torch.Tensor]) -> torch.Tensor:
         """Relative error of every output row (all layers, in order) under ``masks`` (one per layer)."""
-        out = [(lin + (d @ self.grams[self.gram_of[i]]) * d).sum(1) for i, d, lin in self._terms(masks)]
-        return self.base + torch.cat(out) / self.energy
+        return self.base + torch.cat([t.sum(1) for _, t in self._terms(masks)]) / self.energy
 
     @torch.no_grad()
     def group_residuals(self, masks: list[torch.Tensor], m: int) -> torch.Tensor:
@@ -115,12 +114,8 @@ class RowTargets:
         Group g's share is d_g . (-2 G + H D)_g: its own change plus half of every pair term it is in, so the
         shares of a row sum to its residual and a group the draw left alone has none.
         """
-        out = []
-        for i, d, lin in self._terms(masks):
-            own = (lin + (d @ self.grams[self.gram_of[i]]) * d) / self.energy[self.row_offsets[i]:
-                                                                             self.row_offsets[i + 1]].unsqueeze(1)
-            out.append(own.reshape(-1, m).sum(1))
-        return torch.cat(out)
+        energy = self.energy.split([b - a for a, b in zip(self.row_offsets, self.row_offsets[1:])])
+        return torch.cat([(t / energy[i].unsqueeze(1)).reshape(-1, m).sum(1) for i, t in self._terms(masks)])
 
     def state_bytes(self) -> int:
         tensors = [*self.grams, *self.g, *self.prior, self.energy, self.base]
