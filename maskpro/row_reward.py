@@ -3,7 +3,7 @@
 The paper's learner scores a sampled mask with one number, the change of the LM loss, shared by every group of
 the model; ``maskpro-bench reward-snr`` measured that a step then carries almost nothing about any single group,
 while one reward per output row (the groups of one row share it, a few hundred instead of millions) carries
-about a hundred times more. With ``loss="row"`` the reward of row r of layer l is its squared output error on
+far more (docs/results.md). With ``loss="row"`` the reward of row r of layer l is its squared output error on
 the dense model's inputs to that layer, relative to the dense row's output energy:
 
     err_r = (w_r - s_r * m_r)^T H (w_r - s_r * m_r) / (w_r^T H w_r),   H = X^T X over every learning token,
