@@ -74,6 +74,36 @@ def _generate(dec, prompts: list[list[int]], new: int) -> tuple[float, float]:
     return (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000 / new
 
 
+PROFILE_STEPS = 8
+
+
+def _device_us(event) -> float:
+    return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+
+
+def step_profile(dec, prompts: list[list[int]], top: int = 12) -> dict:
+    """Where one decode step's device time goes: CUDA kernels of ``PROFILE_STEPS`` graph-replayed steps after a
+    prefill, per step. ``kernels_us`` over the step's wall time is the share the GPU spends computing; the rest
+    is gaps between kernels and host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = dec.prefill(prompts, 0, 0).argmax(-1)
+    pos = [len(p) for p in prompts]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILE_STEPS):
+            tok = dec.step(tok, pos).argmax(-1)
+            pos = [q + 1 for q in pos]
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.key_averages()  # device events only: CPU ops would count their kernels again
+                      if str(getattr(e, "device_type", "")).endswith("CUDA") and _device_us(e) > 0),
+                     key=_device_us, reverse=True)
+    return {"steps": PROFILE_STEPS, "kernels_us": sum(map(_device_us, kernels)) / PROFILE_STEPS,
+            "launches": sum(e.count for e in kernels) / PROFILE_STEPS,
+            "top": [{"name": e.key[:120], "us": _device_us(e) / PROFILE_STEPS, "calls": e.count / PROFILE_STEPS}
+                    for e in kernels[:top]]}
+
+
 def _phase(a: argparse.Namespace, sparse: bool, points: list[tuple[int, int]], bandwidth: float) -> dict:
     from maskpro.serve.fast_decoder import FastDecoder
     from maskpro.serve.fast_model import FastLM
@@ -127,7 +157,8 @@ def _phase(a: argparse.Namespace, sparse: bool, points: list[tuple[int, int]], b
                      "roofline_fraction": roofline / step, "compile_s": dec.compile_s,
                      "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
                      "prefill_graph": dec.prefills_captured > 0, "decode_graph": dec.captured > 0,
-                     "ttft_ms_all": [r[0] for r in runs], "decode_ms_all": [r[1] for r in runs]})
+                     "ttft_ms_all": [r[0] for r in runs], "decode_ms_all": [r[1] for r in runs],
+                     "step_profile": step_profile(dec, prompts())})
         compile_s += dec.compile_s
         graphs += dec.captured + dec.prefills_captured
         print(f"{'2:4' if sparse else 'dense'} batch {batch} prompt {prompt}: ttft {ttft:.2f} ms, decode "

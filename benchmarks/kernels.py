@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from maskpro.errors import MaskproError
-from maskpro.serve import sparse24, sparse_mma
+from maskpro.serve import sparse24, sparse_gemm, sparse_mma, sparse_ops
 from maskpro.serve.sparse_linear import candidates, cusparselt_linear, semi_structured
 
 from . import configs, stats
@@ -50,7 +50,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_COPIES_CPU = 64
 COMPRESSED_FRACTION = 0.5625  # 2:4 values plus 2-bit positions, over the dense bytes
 # the paths maskpro.serve.sparse_linear chooses from; PyTorch's semi-structured tensor is timed for reference
-RUNTIME_PATHS = ("sparse24-mma", "sparse24-triton", "sparse24-cusparselt")
+RUNTIME_PATHS = ("sparse24-mma", "sparse24-gemm", "sparse24-triton", "sparse24-cusparselt")
 METHOD = ("Each path runs over weight copies rotated so that even the compressed 2:4 bytes exceed 3x L2; GPU: "
           "CUDA-graph replay timed with CUDA events after warm-up; CPU: perf_counter. Median and p10/p90 of --reps "
           "repetitions, dense and 2:4 in one process.")
@@ -81,8 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=positive_int, default=None, help="timed repetitions per path (default 30 GPU, "
                                                                     "20 CPU)")
     p.add_argument("--paths", nargs="+", default=None,
-                   choices=["mma", "triton", "cusparselt", "semi-structured", "reference"],
-                   help="2:4 paths to time (default GPU: mma triton cusparselt semi-structured; CPU: reference)")
+                   choices=["mma", "gemm", "triton", "cusparselt", "semi-structured", "reference"],
+                   help="2:4 paths to time (default GPU: mma gemm triton cusparselt semi-structured; CPU: "
+                        "reference)")
     p.add_argument("--max-spread", type=float, default=stats.MAX_SPREAD,
                    help="flag a row as not trusted when (p90-p10)/median of any path exceeds this")
     p.add_argument("--tag", default=None, help="results name kernels-<tag>.json (default: the device, e.g. h100)")
@@ -233,6 +234,11 @@ def sparse_paths(names: list[str], ws: list[torch.Tensor], comp, xs, n: int, k: 
         for cfg in sparse_mma.candidates(n, k, t):  # none past 64 tokens, where prefill is compute-bound
             yield "sparse24-mma", [lambda L=L, x=xs[i % 2], c=cfg: sparse_mma.sparse_mma_mm(x, *L, n, c)
                                    for i, L in enumerate(lay)], {"config": vars(cfg)}
+    if "gemm" in names and lay and sparse_ops.MEDIUM_TOKENS <= t <= sparse_mma.MAX_TOKENS:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for cfg in sparse_gemm.medium_candidates(n, k, t, sms):
+            yield "sparse24-gemm", [lambda L=L, x=xs[i % 2], c=cfg: sparse_gemm.sparse_gemm(x, *L, n, c)
+                                    for i, L in enumerate(lay)], {"config": vars(cfg)}
     if "reference" in names:
         yield "sparse24-reference", [lambda v=v, m=m, x=xs[i % 2]: x @ sparse24.decompress_24(v, m).T
                                      for i, (v, m) in enumerate(comp)], {}
@@ -275,7 +281,7 @@ def measure_shape(shape: str, layers: list[str], tokens: list[int], a: argparse.
     ws = make_weights(k, n, copies, dtype, device)
     comp = [sparse24.compress_24(w) for w in ws]
     lay = ([sparse_mma.mma_layout(v, m) for v, m in comp]
-           if "mma" in a.paths and sparse_mma.available() and sparse_mma.mma_ok(n, k) else None)
+           if {"mma", "gemm"} & set(a.paths) and sparse_mma.available() and sparse_mma.mma_ok(n, k) else None)
     floor = None  # how close decode gets to streaming its bytes: dense and compressed read floors
     if sparse_mma.available() and dtype.itemsize == 2 and min(tokens) <= sparse_mma.MAX_TOKENS:
         dense_bytes = n * k * dtype.itemsize
@@ -334,7 +340,7 @@ def run(a: argparse.Namespace) -> Path:
     device = "cuda" if cuda else "cpu"
     explicit_config = bool(a.config or a.model)
     fill_defaults(a, GPU if cuda else CPU)
-    fill_defaults(a, {"paths": ["mma", "triton", "cusparselt", "semi-structured"] if cuda else ["reference"]})
+    fill_defaults(a, {"paths": ["mma", "gemm", "triton", "cusparselt", "semi-structured"] if cuda else ["reference"]})
     if not cuda and a.paths != ["reference"]:
         raise MaskproError(f"--paths {' '.join(a.paths)} need a CUDA GPU; on CPU only 'reference' runs")
     source, shapes = parse_shapes(a, explicit_config)

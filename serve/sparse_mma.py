@@ -250,15 +250,16 @@ def _kernel(cfg: MmaConfig, ntiles: int, dtype: torch.dtype, device: int):
     return build_kernel(src, "sp24_mma", 6, 3, device)
 
 
-def build_kernel(src: str, name: str, pointers: int, ints: int, device: int) -> Launcher:
+def build_kernel(src: str, name: str, pointers: int, ints: int, device: int, shared: int = 0) -> Launcher:
     """NVRTC-compile kernel ``name`` of ``src`` (its ``__MMA__`` still to fill in) for ``device`` and wrap it
-    in a :class:`Launcher` of ``pointers`` pointer and ``ints`` int arguments."""
+    in a :class:`Launcher` of ``pointers`` pointer and ``ints`` int arguments and ``shared`` bytes of dynamic
+    shared memory."""
     last = None
     # ``mma.sp::ordered_metadata`` is the form newer PTX asks for; plain ``mma.sp`` is its older spelling.
     for op in ("mma.sp::ordered_metadata", "mma.sp"):
         try:
             with torch.cuda.device(device):
-                return Launcher(compile_kernel(src.replace("__MMA__", op), name), pointers, ints)
+                return Launcher(compile_kernel(src.replace("__MMA__", op), name), pointers, ints, shared)
         except RuntimeError as e:
             last = e
     raise RuntimeError(f"NVRTC could not build the {name} kernel: {last}")
@@ -269,22 +270,27 @@ class Launcher:
     argument block built once: PyTorch's generic launcher rebuilds it with ctypes on every call, which takes
     longer on the host than the kernel on the device and would count in eager plan timings (docs/kernels.md)."""
 
-    def __init__(self, kernel, pointers: int, ints: int) -> None:
+    def __init__(self, kernel, pointers: int, ints: int, shared: int = 0) -> None:
         from torch.cuda._utils import _get_gpu_runtime_library
 
-        self.kernel, self.lib = kernel, _get_gpu_runtime_library()
+        self.kernel, self.lib, self.shared = kernel, _get_gpu_runtime_library(), shared
+        if shared > 48 * 1024:  # past 48 KB a kernel must opt in (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+            err = self.lib.cuFuncSetAttribute(kernel.func, 8, shared)
+            if err:
+                raise RuntimeError(f"this GPU cannot give a block {shared} bytes of shared memory (CUDA error {err})")
         self.ptrs = [ctypes.c_void_p() for _ in range(pointers)]
         self.ints = [ctypes.c_int() for _ in range(ints)]
         self.argv = (ctypes.c_void_p * (pointers + ints))(*[ctypes.addressof(o) for o in self.ptrs + self.ints])
         self.lock = threading.Lock()  # the argument block is shared; launches copy it, so only this is guarded
 
-    def __call__(self, grid: tuple[int, int], block: int, ptrs: list[int], ints: list[int]) -> None:
+    def __call__(self, grid: tuple[int, ...], block: int, ptrs: list[int], ints: list[int]) -> None:
+        gx, gy, gz = (*grid, 1, 1)[:3]
         with self.lock:
             for o, v in zip(self.ptrs, ptrs):
                 o.value = v
             for o, v in zip(self.ints, ints):
                 o.value = v
-            err = self.lib.cuLaunchKernel(self.kernel.func, grid[0], grid[1], 1, block, 1, 1, 0,
+            err = self.lib.cuLaunchKernel(self.kernel.func, gx, gy, gz, block, 1, 1, self.shared,
                                           ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), self.argv, None)
         if err:
             raise RuntimeError(f"launching a maskpro kernel failed with CUDA error {err}")
@@ -310,6 +316,9 @@ def available() -> bool:
 
 
 _SCRATCH: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+# fp32 partial sums per output row that split K may leave: up to 8 splits of up to 64 tokens (this kernel's
+# splits and sparse_gemm's medium-batch ones)
+SCRATCH_PER_ROW = 8 * MAX_TOKENS
 
 
 def reserve(out_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,7 +329,7 @@ def reserve(out_features: int, device: torch.device) -> tuple[torch.Tensor, torc
     """
     idx = device.index or 0
     ws, counters = _SCRATCH.get(idx, (None, None))
-    need = out_features * max(c.split for c in MMA_CANDIDATES) * _ntiles(MAX_TOKENS) * 8
+    need = out_features * SCRATCH_PER_ROW
     if ws is None or ws.numel() < need:
         ws = torch.empty(need, dtype=torch.float32, device=device)
         counters = torch.zeros(out_features // 16, dtype=torch.int32, device=device)

@@ -124,6 +124,7 @@ def _(x, tiles, positions, out_features, decode, gemm):
 
 
 PREFILL_PLAN_TOKENS = 512  # the prefill size the GEMM config (or expansion) is chosen at
+MEDIUM_TOKENS = 16  # from here on decode buckets also time the GEMM's medium-batch configs
 
 
 def plan(layer: Weight24, buckets, iters: int = 15) -> dict:
@@ -142,10 +143,10 @@ def plan(layer: Weight24, buckets, iters: int = 15) -> dict:
     def timed(fn) -> float:
         return time_us(fn, iters=iters, flush=flush, device_only=True)
 
-    def gemms(x: torch.Tensor) -> dict:
+    def gemms(x: torch.Tensor, configs) -> dict:
         ref = x.float() @ expand_into(scratch, layer.tiles, layer.positions).float().t()
         out = {}
-        for cfg in sparse_gemm.GEMM_CANDIDATES if sparse_gemm.gemm_ok(n, k) and sparse_mma.available() else []:
+        for cfg in configs if sparse_mma.available() else []:
             if not sparse_gemm.gemm_ok(n, k, cfg):
                 continue
             try:
@@ -161,8 +162,11 @@ def plan(layer: Weight24, buckets, iters: int = 15) -> dict:
         x = torch.randn(t, k, dtype=layer.dtype, device=layer.tiles.device)
         options: dict[tuple, float] = {("expand", None): timed(
             lambda: torch.mm(x, expand_into(scratch, layer.tiles, layer.positions).t()))}
-        if prefill:  # at decode sizes its 64-token tiles are mostly padding: the decode kernel's range
-            options.update({("gemm", c): us for c, us in gemms(x).items()})
+        if prefill:
+            options.update({("gemm", c): us for c, us in gemms(x, sparse_gemm.GEMM_CANDIDATES).items()})
+        elif t >= MEDIUM_TOKENS:  # medium batches: row blocks that share their staged inputs, K split
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            options.update({("gemm", c): us for c, us in gemms(x, sparse_gemm.medium_candidates(n, k, t, sms)).items()})
         if t <= sparse_mma.MAX_TOKENS and not prefill:
             options.update({("mma", c): timed(lambda: sparse_mma.sparse_mma_mm(x, layer.tiles, layer.positions, n, c))
                             for c in sparse_mma.candidates(n, k, t)})

@@ -174,16 +174,37 @@ def test_gpu_op_matches_dense_at_every_token_count(tokens):
     assert err < 2e-3, f"{tokens} tokens: relative error {err:.2e}"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 16, 64, 200, 512])
-def test_gpu_gemm_kernel_matches_dense_in_every_config(tokens):
+def test_medium_batch_gemm_configs_fit_the_layer_and_the_gpu():
+    """The configs a decode bucket of 16-64 tokens times: one block of tokens as small as the count allows, K
+    split over at most in/128 blocks and only as far as about four blocks per multiprocessor."""
     from maskpro.serve import sparse_gemm
 
-    layer, x, ref = _layer_input_reference(256, 512, tokens)
-    for cfg in sparse_gemm.GEMM_CANDIDATES:
-        y = sparse_gemm.sparse_gemm(x, layer.tiles, layer.positions, 256, cfg)
-        err = (y.float() - ref).abs().max() / ref.abs().max()
-        assert err < 2e-3, f"{cfg} at {tokens} tokens: relative error {err:.2e}"
+    for tokens, bn in ((16, 16), (17, 32), (32, 32), (64, 64)):
+        assert {c.bn for c in sparse_gemm.medium_candidates(4096, 4096, tokens, 132)} == {bn}
+    wide = sparse_gemm.medium_candidates(22016, 4096, 64, 132)     # 172 blocks of 128 rows: no 4-way split
+    assert max(c.split for c in wide if c.bm == 128) == 2 and max(c.split for c in wide) == 2
+    assert all(c.shared_bytes <= sparse_gemm.MAX_SHARED // 2 for c in wide)   # two blocks per multiprocessor
+    assert max(c.split for c in sparse_gemm.medium_candidates(4096, 256, 64, 132)) == 2  # two K groups
+    assert sparse_gemm.medium_candidates(4000, 4096, 64, 132) == []
+    with pytest.raises(ValueError, match="at most 128 rows"):
+        sparse_gemm.GemmConfig(wm=8, mt=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 16, 33, 64, 200, 512])
+def test_gpu_gemm_kernel_matches_dense_in_every_config(tokens):
+    """Prefill configs at every size, and the medium-batch ones (K split over up to 8 blocks, 1152 = 9 K
+    groups so the splits are uneven) at every size too: past one block of tokens they run unsplit."""
+    from maskpro.serve import sparse_gemm
+
+    layer, x, ref = _layer_input_reference(256, 1152, tokens)
+    medium = sparse_gemm.medium_candidates(256, 1152, min(tokens, 64), sms=64)
+    assert {c.split for c in medium} == set(sparse_gemm.MEDIUM_SPLITS)
+    for cfg in sparse_gemm.GEMM_CANDIDATES + medium:
+        for _ in range(2):  # the second call finds the split-K counters the first one left (reset to zero)
+            y = sparse_gemm.sparse_gemm(x, layer.tiles, layer.positions, 256, cfg)
+            err = (y.float() - ref).abs().max() / ref.abs().max()
+            assert err < 2e-3, f"{cfg} at {tokens} tokens: relative error {err:.2e}"
 
 
 @pytest.mark.gpu
