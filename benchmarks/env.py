@@ -62,6 +62,17 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from HEAD: a checkout copied onto a GPU machine may carry a newer tree
+    than its git metadata, and then ``git_commit`` names only the base the tree was changed from."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def _driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -83,6 +94,7 @@ def environment() -> dict:
         "transformers": transformers.__version__,
         "cpu": platform.processor() or platform.machine(),
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         **{name: _version(dist) for name, dist in _VERSIONED.items()},
     }
     if torch.cuda.is_available():
