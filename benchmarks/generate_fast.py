@@ -120,6 +120,8 @@ def _phase(a: argparse.Namespace, sparse: bool, points: list[tuple[int, int]], b
         reference = hf(probe).logits[0, -1].float()
     t0 = time.perf_counter()
     fast = FastLM.from_hf(hf, capacity, sparse=sparse)
+    if fast.expand_ahead is not None:
+        fast.expand_ahead.enabled = getattr(a, "expand_ahead", True)
     del hf
     gc.collect()
     torch.cuda.empty_cache()
@@ -167,7 +169,10 @@ def _phase(a: argparse.Namespace, sparse: bool, points: list[tuple[int, int]], b
         del dec, cache
         gc.collect()
         torch.cuda.empty_cache()
+    ahead = fast.expand_ahead
     out = {"weights_gib": fast.weight_bytes() / 2**30, "resident_gib": resident / 2**30,
+           "expand_ahead": bool(ahead and ahead.enabled),
+           "expand_ahead_gib": ahead.nbytes() / 2**30 if ahead and ahead.enabled else 0.0,
            "logits_rel_err_vs_transformers_dense_masked": rel_err,
            "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30, "build_s": build_s,
            "compile_s": compile_s, "graphs": graphs, "fallbacks": fast.fallbacks, "plan": plan, "rows": rows}

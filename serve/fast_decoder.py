@@ -129,7 +129,8 @@ def for_engine(model: torch.nn.Module, slots: int, capacity: int, dtype: torch.d
     rows = sorted({1 << i for i in range(slots.bit_length()) if 1 << i <= slots} | {slots})
     plan = fast.plan(rows) if sparse and device.type == "cuda" else {}
     info = {"backend": "fast (compiled Llama-family decoder)", "layers": sum(map(len, fast.layers24)),
-            "weights_gib": round(fast.weight_bytes() / 2**30, 3), "dense_fallbacks": fast.fallbacks, "plans": plan}
+            "weights_gib": round(fast.weight_bytes() / 2**30, 3), "dense_fallbacks": fast.fallbacks, "plans": plan,
+            "prefill_buffers_gib": round(fast.expand_ahead.nbytes() / 2**30, 3) if fast.expand_ahead else 0.0}
     arch = fast.arch
     cache = SlotCache(arch.layers, slots, capacity, arch.kv_heads, arch.head_dim, dtype, device)
     decoder = FastDecoder(fast, cache, graphs and device.type == "cuda")

@@ -26,6 +26,8 @@ from torch import nn
 from maskpro.errors import MaskproError
 
 from .decode_attention import decode_attention, splits_for
+from .expand_ahead import ExpandAhead
+from .sparse_mma import MAX_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,7 @@ class FastLM(nn.Module):
         self.fallbacks: dict[str, str] = {}
         self.layers24: list[dict[str, nn.Module]] = [{} for _ in blocks]
         self.configured: int | None = None   # the token count the 2:4 specs are set for (configure)
+        self.expand_ahead = None  # an ExpandAhead once from_hf has 2:4 layers on a GPU
 
     @classmethod
     def from_hf(cls, model: nn.Module, capacity: int, sparse: bool = True) -> FastLM:
@@ -206,6 +209,8 @@ class FastLM(nn.Module):
         fast.fallbacks = fallbacks
         # 2:4 layers become plain specs of tensors, for one token count at a time (see configure)
         fast.layers24 = [{k: w[k][1] for k in LINEARS if w[k][0] == "2:4"} for w in fast.blocks]
+        if any(fast.layers24) and fast.embed.is_cuda:
+            fast.expand_ahead = ExpandAhead(fast.layers24, fast.embed.device)
         fast.configure(1)
         return fast
 
@@ -257,7 +262,12 @@ class FastLM(nn.Module):
         t = ids.shape[1]
         cos, sin = self.cos[:t], self.sin[:t]
         x = F.embedding(ids, self.embed)
-        for i, w in enumerate(self.blocks):
+        ahead = self.expand_ahead
+        # past the decode kernels' token range each 2:4 layer is expanded for cuBLAS; one block ahead, on a side
+        # stream, that work hides behind the products (serve/expand_ahead.py)
+        blocks = (ahead.blocks(self.blocks, self.layers24) if ahead is not None and ahead.enabled
+                  and ids.numel() > MAX_TOKENS and ids.is_cuda else self.blocks)
+        for i, w in enumerate(blocks):
             x = self.prefill_fn(x, w, k_cache[i], v_cache[i], slots, cos, sin, self.arch)
         h = x[torch.arange(ids.shape[0], device=ids.device), last]
         return F.linear(rms_norm(h, self.norm, self.arch.eps), self.lm_head).float()

@@ -116,7 +116,8 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
   return a;
 }
-""" + sparse_mma.DEVICE_HELPERS + r"""// Stage K group kg (128 wide): the weights of this block's row tiles (per row tile its 4 value tiles and its
+""" + sparse_mma.DEVICE_HELPERS + r"""
+// Stage K group kg (128 wide): the weights of this block's row tiles (per row tile its 4 value tiles and its
 // position words lie contiguous in the layout, 16-byte copies that skip L1), and the inputs of its BN tokens,
 // each 32-wide tile's groups of 4 reordered as the weight layout stores them (actual group 4h + i goes to slot
 // 2i + h; 8-byte copies, zero past T). The caller commits the group.

@@ -20,13 +20,13 @@ from maskpro.serve.slot_cache import SlotCache
 CUDA = torch.cuda.is_available()
 
 
-def _tiny(kind: str, dtype: torch.dtype, hidden: int = 128, inter: int = 256, device: str = "cpu"):
+def _tiny(kind: str, dtype: torch.dtype, hidden: int = 128, inter: int = 256, device: str = "cpu", layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     config, model = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     torch.manual_seed(0)
-    cfg = config(vocab_size=300, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    cfg = config(vocab_size=300, hidden_size=hidden, intermediate_size=inter,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_hidden_layers=layers,
                  tie_word_embeddings=kind == "llama")
     m = model(cfg).eval()
     if kind == "qwen2":  # q/k/v biases: make them matter
@@ -220,6 +220,38 @@ def test_gpu_attention_kernel_matches_reference():
         got = da.decode_attention(q, kc, vc, lengths, splits)
         ref = da.reference(q, kc, vc, lengths, 128 ** -0.5)
         assert (got.float() - ref.float()).abs().max() < 2e-3
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_expanding_one_block_ahead_matches_in_place_eagerly_and_in_a_graph():
+    """Three blocks, so a buffer set is refilled while the other is read; 4 x 40 tokens, past the decode
+    kernels' range. The side stream's expansions must be ordered before their readers, in a graph too."""
+    ref = _tiny("llama", torch.float16, hidden=256, inter=512, device="cuda", layers=3)
+    fast = FastLM.from_hf(copy.deepcopy(ref), capacity=64, sparse=True)
+    assert fast.expand_ahead is not None and fast.expand_ahead.nbytes() > 0
+    ids = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(3)).cuda()
+    last, slots = torch.full((4,), 39, device="cuda"), torch.arange(4, device="cuda")
+    cache = _cache(ref, 4, 64, "cuda")
+    with torch.no_grad():
+        fast.expand_ahead.enabled = False
+        in_place = fast.prefill(ids, last, slots, cache.keys, cache.values)
+        fast.expand_ahead.enabled = True
+        ahead = fast.prefill(ids, last, slots, cache.keys, cache.values)
+        assert (ahead - in_place).abs().max() <= 1e-2 * in_place.abs().max()
+        want = ref(ids).logits[:, -1].float()
+        assert (ahead - want).abs().max() <= 3e-2 * want.abs().max()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fast.prefill(ids, last, slots, cache.keys, cache.values)   # warm-up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fast.prefill(ids, last, slots, cache.keys, cache.values)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(captured, ahead)
 
 
 @pytest.mark.gpu
