@@ -31,6 +31,8 @@ SUBCOMMANDS = {
                                  "global vs block-local rewards"),
     "mask-search": ("mask_search", "SparseGPT's mask against the learner's with row-local rewards (and a greedy "
                                    "ceiling), scored by every row's exact output error"),
+    "refit-ceiling": ("refit_ceiling", "a layer's error after re-fitting its kept weights: SparseGPT's mask and "
+                                       "updates, exact least squares, and a mask searched for it"),
     "robustness": ("robustness", "bad files, options and requests against every command: one-line errors, "
                                  "no tracebacks, no silent successes"),
     "cpu-quick": ("cpu_quick", "the CPU recipe (maskpro prune --preset cpu-quick) against dense and SparseGPT, "

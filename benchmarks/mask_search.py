@@ -110,7 +110,7 @@ def run(a: argparse.Namespace) -> Path:
         if a.eval:
             row = {"variant": "sparsegpt (prior)", "prune_s": timed(
                 ["prune", *common, *base, "--method", "sparsegpt", "--out", str(tmp / "sparsegpt")])}
-            row["perplexity"] = _eval(tmp / "sparsegpt", data, tmp)
+            row["perplexity"] = quick_eval(tmp / "sparsegpt", data, tmp)
             rows.append(row)
         for variant in a.variants:
             loss, lr = variant.split(":")
@@ -129,7 +129,7 @@ def run(a: argparse.Namespace) -> Path:
             row.update({k: info.get(k) for k in ("baseline_loss", "final_loss", "changed_fraction", "ms_per_step",
                                                  "wall_s")})
             if a.eval:
-                row["perplexity"] = _eval(out, data, tmp)
+                row["perplexity"] = quick_eval(out, data, tmp)
             rows.append(row)
             print(json.dumps(row), flush=True)
         if a.greedy and prior_file is not None:
@@ -144,7 +144,8 @@ def run(a: argparse.Namespace) -> Path:
     return path
 
 
-def _eval(model_dir: Path, data: list[str], tmp: Path) -> dict:
+def quick_eval(model_dir: Path, data: list[str], tmp: Path) -> dict:
+    """``maskpro eval --quick`` of a model folder: its WikiText-2 and C4 perplexities."""
     scores = tmp / f"{model_dir.name}-eval.json"
     timed(["eval", "--model", str(model_dir), *data, "--quick", "-q", "--json", str(scores)])
     return json.loads(scores.read_text())["perplexity"]

@@ -88,9 +88,10 @@ def build_parser(command: str | None = None, preset: dict | None = None) -> argp
     g.add_argument("--calib-file", default=None, help="a C4-style .jsonl with a 'text' field")
     g.add_argument("--seed", type=int, default=0, help="seed of the data draws and the learner's sampling")
     g = p.add_argument_group("re-fit the kept weights for the final mask (any method)")
-    g.add_argument("--reconstruct", nargs="?", const="obs", default="none", choices=["none", "obs", "block"],
+    g.add_argument("--reconstruct", nargs="?", const="obs", default="none", choices=["none", "obs", "exact", "block"],
                    help="obs: SparseGPT's solver, layer by layer, from the dense weights (bare --reconstruct); "
-                        "block: train each decoder block to reproduce the dense block's output")
+                        "exact: the same with each row's kept weights the least-squares fit for its mask (inputs "
+                        "up to 4096); block: train each decoder block to reproduce the dense block's output")
     g.add_argument("--recon-epochs", type=int, default=5, help="block: passes over the calibration windows")
     g.add_argument("--recon-lr", type=float, default=1e-3, help="block: Adam step size")
     g.add_argument("--recon-micro-batch", type=int, default=2, help="block: calibration windows per Adam step")

@@ -94,10 +94,12 @@ def to_block_device(device: torch.device, hidden: torch.Tensor, kw: dict) -> tup
 def calibrated_prune(model: nn.Module, calib: torch.Tensor, nm: NM, method: str,
                      targets: list[str] | None = None, batch: int = 8, keep_decided: bool = False,
                      fixed_masks: dict[str, torch.Tensor] | None = None,
-                     progress: bool = True) -> PruneResult:
+                     progress: bool = True, exact: bool = False) -> PruneResult:
     """Wanda or SparseGPT, layer by layer; prunes ``model`` in place and returns the masks.
 
-    With ``fixed_masks`` (SparseGPT only) the given masks are kept and only the weights are reconstructed.
+    With ``fixed_masks`` (SparseGPT only) the given masks are kept and only the weights are reconstructed; with
+    ``exact`` (SparseGPT only) the kept weights are the least-squares fit for the mask, not SparseGPT's
+    sequential updates (:func:`maskpro.sparsegpt.exact_refit`).
     """
     if method not in ("wanda", "sparsegpt"):
         raise MaskproError(f"calibrated_prune takes wanda or sparsegpt, not {method!r}")
@@ -150,7 +152,8 @@ def calibrated_prune(model: nn.Module, calib: torch.Tensor, nm: NM, method: str,
                 mod.weight.data = w * mask
             else:
                 h = stats[name] * (2.0 / counts[name])
-                res = obs_prune(w, h, nm, mask=None if fixed_masks is None else fixed_masks[name].to(w.device))
+                res = obs_prune(w, h, nm, mask=None if fixed_masks is None else fixed_masks[name].to(w.device),
+                                exact=exact)
                 mask = res.mask
                 mod.weight.data = res.weight
                 if keep_decided:

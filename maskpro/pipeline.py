@@ -8,6 +8,7 @@ MaskPro variants (``learn_on`` x ``reconstruct``):
     (``maskpro.block_recon``); pruned entries keep their decided values, so a flip has a value to bring in.
 After any method, with its mask fixed, the kept weights can be re-fitted (``reconstruct``):
   * ``"obs"``:   SparseGPT's OBS solver, layer by layer, from the dense weights;
+  * ``"exact"``: the same layer by layer, with each row's kept weights the least-squares fit for its mask;
   * ``"block"``: each decoder block trained to reproduce the dense block's output (``maskpro.block_recon``),
     starting from the method's own kept weights.
 Last, ``finetune.steps > 0`` trains the kept weights of the whole model against the dense model
@@ -44,7 +45,7 @@ from .selfgen import self_generated_rows
 log = logging.getLogger(__name__)
 
 ALL_METHODS = METHODS + ("maskpro",)
-RECONSTRUCT = ("none", "obs", "block")
+RECONSTRUCT = ("none", "obs", "exact", "block")
 LEARN_ON = ("dense", "sparsegpt", "sparsegpt-block")
 
 
@@ -69,7 +70,7 @@ class PruneJob:
     learn_on: str = "dense"          # "dense" (paper), "sparsegpt" (its compensated weights) or
                                      # "sparsegpt-block" (those, kept ones re-fitted block by block first)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
-    # Any method: re-fit the kept weights for the final mask ("none", "obs" or "block").
+    # Any method: re-fit the kept weights for the final mask ("none", "obs", "exact" or "block").
     reconstruct: str = "none"
     block: BlockReconConfig = field(default_factory=BlockReconConfig)
     # Any method, last: sparse fine-tuning of the kept weights with the dense model as teacher.
@@ -242,12 +243,12 @@ def finetune(model, job: PruneJob, layers: dict, dense: dict[str, torch.Tensor],
 def reconstruct(model, job: PruneJob, nm: NM, dense: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                 windows: torch.Tensor, progress: bool = True) -> dict:
     """Re-fit the kept weights of ``model`` for ``masks`` as ``job.reconstruct`` says; returns what was done."""
-    if job.reconstruct == "obs":  # from the dense weights, layer by layer
+    if job.reconstruct in ("obs", "exact"):  # from the dense weights, layer by layer
         for n, m in find_linears(model, list(masks)).items():
             m.weight.data = dense[n].to(m.weight.device)
         calibrated_prune(model, windows, nm, "sparsegpt", job.targets, batch=job.calib.batch, fixed_masks=masks,
-                         progress=progress)
-        return {"method": "sparsegpt-obs"}
+                         progress=progress, exact=job.reconstruct == "exact")
+        return {"method": "sparsegpt-obs" if job.reconstruct == "obs" else "least-squares"}
     if distributed.current().distributed:
         log.info("block reconstruction: every process fits the same blocks on the whole calibration set")
     return reconstruct_blocks(model, dense, masks, windows, job.block, batch=job.calib.batch, progress=progress)
@@ -371,4 +372,4 @@ def method_label(job: PruneJob) -> str:
     return label + RECON_SUFFIX[job.reconstruct] + ("+ft" if job.finetune.steps else "")
 
 
-RECON_SUFFIX = {"none": "", "obs": "+recon", "block": "+block"}
+RECON_SUFFIX = {"none": "", "obs": "+recon", "exact": "+exact", "block": "+block"}

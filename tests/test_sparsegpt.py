@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from maskpro.nm import NM, check_weight, topn_mask
@@ -37,3 +38,30 @@ def test_decided_values_equal_kept_weights():
     w, _, h = _problem(2)
     res = obs_prune(w, h, NM(2, 4))
     assert torch.allclose(res.decided[res.mask], res.weight[res.mask])
+
+
+def test_exact_refit_is_the_least_squares_fit_of_the_mask_and_beats_the_sequential_updates():
+    from maskpro.errors import MaskproError
+    from maskpro.sparsegpt import exact_refit
+
+    torch.manual_seed(0)
+    x = torch.randn(4000, 64) @ torch.randn(64, 64)    # correlated inputs: where the sequential updates fall short
+    h, w = x.T @ x, torch.randn(24, 64)
+    seq = obs_prune(w, h, NM(2, 4))
+    exact = obs_prune(w, h, NM(2, 4), exact=True)
+    assert torch.equal(exact.mask, seq.mask) and torch.equal(exact.decided, seq.decided)
+    assert bool((exact.weight[~exact.mask] == 0).all())
+    damped = h + 0.01 * h.diag().mean() * torch.eye(64)
+
+    def err(v):
+        return (((w - v) @ damped) * (w - v)).sum(1)
+    assert bool((err(exact.weight) <= err(seq.weight) * (1 + 1e-5)).all()) and err(exact.weight).sum() < 0.99 * err(
+        seq.weight).sum()
+    for _ in range(5):  # no change of the kept weights does better (the gradient on them is zero)
+        nudge = torch.randn_like(w) * 1e-2 * exact.mask
+        assert bool((err(exact.weight + nudge) >= err(exact.weight) - 1e-4).all())
+    with pytest.raises(ValueError, match="strict N:M"):
+        exact_refit(w, h, torch.ones_like(w, dtype=torch.bool).index_fill_(1, torch.tensor([0]), False)
+                    .index_fill_(0, torch.tensor([0]), True))
+    with pytest.raises(MaskproError, match="use --reconstruct obs or block"):
+        exact_refit(torch.zeros(2, 8192), torch.eye(8192), torch.ones(2, 8192, dtype=torch.bool))

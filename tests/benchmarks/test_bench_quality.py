@@ -134,3 +134,23 @@ def test_mask_search_reports_row_errors_of_prior_learned_and_greedy_masks(tiny_m
         assert row["baseline_loss"] == pytest.approx(prior, rel=1e-4)  # both score the same prior the same way
         assert row["final_loss"] > 0 and 0 <= row["changed_fraction"] < 0.5
     assert 0 < r["greedy"]["greedy_row_error"] < prior  # the exact search always finds something better
+
+
+def test_refit_ceiling_orders_the_four_errors(tiny_model_dir, data_root, tmp_path):
+    """Exact least squares is the best re-fit of a mask, and the greedy search only accepts improvements."""
+    out = tmp_path / "refit.json"
+    assert cli.main(["refit-ceiling", "--model", str(tiny_model_dir), "--layers", "model.layers.1.mlp.gate_proj",
+                     "--rows", "3", "--sweeps", "1", "--data-dir", str(data_root), "--out", str(out), "--eval",
+                     "--targets", "model.layers.1.*"]) == 0
+    result = json.loads(out.read_text())
+    assert [p["pipeline"] for p in result["pipelines"]] == ["sparsegpt", "sparsegpt+exact", "sparsegpt+block",
+                                                             "maskpro@sparsegpt+exact"]
+    assert all(p["perplexity"]["wikitext2"] > 1 for p in result["pipelines"])
+    r = result["layers"]["model.layers.1.mlp.gate_proj"]["per_row"]
+    for i in range(3):
+        seq, exact = r["sparsegpt_seq"][i], r["sparsegpt_exact"][i]
+        greedy, greedy_seq = r["greedy_exact"][i], r["greedy_seq"][i]
+        assert 0 < exact <= seq * (1 + 1e-9) and greedy <= exact * (1 + 1e-9) and greedy <= greedy_seq * (1 + 1e-9)
+    assert sum(r["greedy_exact"]) < sum(r["sparsegpt_exact"])  # a random tiny model leaves the search room
+    assert cli.main(["refit-ceiling", "--model", str(tiny_model_dir), "--layers", "model.layers.9.nope",
+                     "--data-dir", str(data_root), "--out", str(out)]) != 0
