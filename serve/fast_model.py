@@ -157,13 +157,14 @@ class FastLM(nn.Module):
         self.fallbacks: dict[str, str] = {}
         self.layers24: list[dict[str, nn.Module]] = [{} for _ in blocks]
         self.configured: int | None = None   # the token count the 2:4 specs are set for (configure)
-        self.expand_ahead = None  # an ExpandAhead once from_hf has 2:4 layers on a GPU
+        self.expand_ahead = None  # an ExpandAhead where from_hf was asked for one (2:4 layers on a GPU)
 
     @classmethod
-    def from_hf(cls, model: nn.Module, capacity: int, sparse: bool = True) -> FastLM:
+    def from_hf(cls, model: nn.Module, capacity: int, sparse: bool = True, expand_ahead: bool = False) -> FastLM:
         """Take a loaded transformers Llama-family model's weights. With ``sparse``, every q/k/v, o, gate/up and
         down product whose weight is 2:4 keeps only its compressed form (paths planned by :meth:`plan`); the
-        dense weights are released as each layer is converted."""
+        dense weights are released as each layer is converted. ``expand_ahead`` (GPU) expands prefill's 2:4
+        layers one block ahead on a side stream (:mod:`maskpro.serve.expand_ahead`; off until timed on a GPU)."""
         from .sparse_ops import Weight24
 
         arch = Arch.of(model.config)
@@ -209,7 +210,7 @@ class FastLM(nn.Module):
         fast.fallbacks = fallbacks
         # 2:4 layers become plain specs of tensors, for one token count at a time (see configure)
         fast.layers24 = [{k: w[k][1] for k in LINEARS if w[k][0] == "2:4"} for w in fast.blocks]
-        if any(fast.layers24) and fast.embed.is_cuda:
+        if expand_ahead and any(fast.layers24) and fast.embed.is_cuda:
             fast.expand_ahead = ExpandAhead(fast.layers24, fast.embed.device)
         fast.configure(1)
         return fast

@@ -227,7 +227,8 @@ def test_gpu_prefill_expanding_one_block_ahead_matches_in_place_eagerly_and_in_a
     """Three blocks, so a buffer set is refilled while the other is read; 4 x 40 tokens, past the decode
     kernels' range. The side stream's expansions must be ordered before their readers, in a graph too."""
     ref = _tiny("llama", torch.float16, hidden=256, inter=512, device="cuda", layers=3)
-    fast = FastLM.from_hf(copy.deepcopy(ref), capacity=64, sparse=True)
+    assert FastLM.from_hf(copy.deepcopy(ref), capacity=64, sparse=True).expand_ahead is None  # opt-in
+    fast = FastLM.from_hf(copy.deepcopy(ref), capacity=64, sparse=True, expand_ahead=True)
     assert fast.expand_ahead is not None and fast.expand_ahead.nbytes() > 0
     ids = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(3)).cuda()
     last, slots = torch.full((4,), 39, device="cuda"), torch.arange(4, device="cuda")
