@@ -95,6 +95,19 @@ def medium_candidates(n: int, k: int, tokens: int, sms: int) -> list[GemmConfig]
     return out
 
 
+def medium_default(n: int, k: int, tokens: int, sms: int) -> GemmConfig | None:
+    """A medium-batch config for callers that cannot time one (the vLLM plugin, whose graph capture forbids
+    timing): 128-row blocks of 4 warps x 2 token halves, K split as far as 4 while the blocks stay within three
+    per multiprocessor, the shape the plans picked at 64 tokens for all four Llama-2-7B layers
+    (docs/kernels.md). None where no such config tiles the layer."""
+    tiles = 2 if tokens <= 16 else (4 if tokens <= 32 else 8)
+    for split in (4, 2, 1):
+        cfg = GemmConfig(4, 2, 2, tiles // 2, split, stages=3)
+        if gemm_ok(n, k, cfg) and (split == 1 or n // cfg.bm * split <= 3 * sms):
+            return cfg
+    return None
+
+
 _SOURCE = r"""
 #define WM __WM__
 #define WN __WN__

@@ -248,17 +248,30 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bia
 DECODE_TOKENS = 16  # up to here the mma.sp kernel beats dense cuBLAS on Llama-2-7B shapes (docs/kernels.md)
 
 
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def sparse_linear_mma(x: torch.Tensor, tiles: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None,
                       out_features: int, in_features: int) -> torch.Tensor:
     """``x @ W.T + bias`` for a 2:4 ``W`` stored only in the ``mma.sp`` fragment order, with no timing: the
-    ``mma.sp`` kernel for up to ``DECODE_TOKENS`` tokens on a GPU that has it, else the dense product of the
-    weight expanded into the device's shared scratch buffer (prefill, CPU): one kernel and no allocation, so
-    every token count can be captured in a CUDA graph once ``sparse_ops.reserve_layer`` has run."""
+    ``mma.sp`` kernel for up to ``DECODE_TOKENS`` tokens on a GPU that has it, the ``mma.sp`` GEMM's default
+    medium-batch config up to ``sparse_mma.MAX_TOKENS``, else the dense product of the weight expanded into the
+    device's shared scratch buffer (prefill, CPU): no allocation, so every token count can be captured in a
+    CUDA graph once ``sparse_ops.reserve_layer`` has run."""
+    from . import sparse_gemm
     from .sparse_ops import expanded_mm
 
     x2 = x.reshape(-1, in_features)
-    if x2.device.type == "cuda" and x2.shape[0] <= DECODE_TOKENS and sparse_mma.available():
+    t = x2.shape[0]
+    cuda = x2.device.type == "cuda" and sparse_mma.available()
+    medium = (sparse_gemm.medium_default(out_features, in_features, t, _sms(x2.device))
+              if cuda and DECODE_TOKENS < t <= sparse_mma.MAX_TOKENS else None)
+    if cuda and t <= DECODE_TOKENS:
         y = sparse_mma.sparse_mma_mm(x2, tiles, positions, out_features, sparse_mma.DEFAULT_CONFIG)
+    elif medium is not None:
+        y = sparse_gemm.sparse_gemm(x2, tiles, positions, out_features, medium)
     else:
         y = expanded_mm(x2, tiles, positions, out_features)
     if bias is not None:

@@ -186,6 +186,10 @@ def test_medium_batch_gemm_configs_fit_the_layer_and_the_gpu():
     assert all(c.shared_bytes <= sparse_gemm.MAX_SHARED // 2 for c in wide)   # two blocks per multiprocessor
     assert max(c.split for c in sparse_gemm.medium_candidates(4096, 256, 64, 132)) == 2  # two K groups
     assert sparse_gemm.medium_candidates(4000, 4096, 64, 132) == []
+    # the untimed default: the plans' pick at 64 tokens on an H100 (132 multiprocessors) for each 7B shape
+    assert [sparse_gemm.medium_default(n, k, 64, 132).split for n, k in
+            ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))] == [4, 4, 2, 4]
+    assert sparse_gemm.medium_default(4000, 4096, 64, 132) is None
     with pytest.raises(ValueError, match="at most 128 rows"):
         sparse_gemm.GemmConfig(wm=8, mt=2)
 
@@ -252,7 +256,7 @@ def test_gpu_prefill_expanding_one_block_ahead_matches_in_place_eagerly_and_in_a
         for _ in range(3):
             graph.replay()
             torch.cuda.synchronize()
-            assert torch.equal(captured, ahead)
+            assert (captured - ahead).abs().max() <= 1e-3 * ahead.abs().max()  # cuBLAS may pick another algorithm
 
 
 @pytest.mark.gpu

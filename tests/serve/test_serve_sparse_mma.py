@@ -107,14 +107,18 @@ def test_kernel_matches_dense(dtype, tokens):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the mma.sp kernel needs a CUDA GPU (sm_80+)")
 def test_untimed_linear_over_the_fragment_order_matches_dense():
-    """``sparse_linear_mma`` (what the vLLM plugin runs): the kernel up to 16 tokens, the expanded weight past."""
+    """``sparse_linear_mma`` (what the vLLM plugin runs): the kernel up to 16 tokens, the GEMM's medium-batch
+    default up to 64, the expanded weight past."""
     from maskpro.serve.sparse_linear import sparse_linear_mma
 
     torch.manual_seed(0)
     w = _weight(256, 1024, torch.float16, "cuda")
     tiles, positions = mma_layout(*sparse24.compress_24(w))
     bias = torch.randn(256, dtype=torch.float16, device="cuda")
-    for tokens in (1, 8, 40):  # two sequences: 2, 16 and 80 rows
+    from maskpro.serve import sparse_gemm
+
+    assert sparse_gemm.medium_default(256, 1024, 48, 132) is not None   # the 48 rows below take the GEMM
+    for tokens in (1, 8, 24, 40):  # two sequences: 2, 16, 48 and 80 rows
         x = torch.randn(2, tokens, 1024, dtype=torch.float16, device="cuda")
         ref = x.float() @ w.float().T + bias.float()
         y = sparse_linear_mma(x, tiles, positions, bias, 256, 1024)
