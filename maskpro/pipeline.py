@@ -41,6 +41,7 @@ from .nm import NM, pack_mask, unpack_mask
 from .oneshot import METHODS, PruneResult, calibrated_prune, prune
 from .phases import Phases
 from .selfgen import self_generated_rows
+from .sparsegpt import check_exact_inputs
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,9 @@ def run_prune(model, tokenizer, job: PruneJob, workdir: str | Path | None = None
     nm = validate_job(job)
     progress = progress and distributed.is_main()
     layers = find_linears(model, job.targets)
+    if job.reconstruct == "exact":  # refused now, not after the learner's hours
+        for n, m in layers.items():
+            check_exact_inputs(m.in_features, n)
     lean = job.learner.memory == "lean"
     info: dict = {"targets_glob": job.targets, "nm": str(nm)}
     t0 = time.perf_counter()

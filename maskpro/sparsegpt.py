@@ -46,6 +46,15 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float = 0.01) -> tuple[tor
 EXACT_MAX_INPUTS = 4096  # exact re-fit solves a K/2-wide system per row: cubic in K, for small models
 
 
+def check_exact_inputs(k: int, name: str = "this layer") -> None:
+    """Refuse, in one line, a layer too wide for :func:`exact_refit` (callers check before long work starts)."""
+    if k > EXACT_MAX_INPUTS:
+        from .errors import MaskproError
+
+        raise MaskproError(f"{name}: exact re-fit solves a {k // 2}-wide system per row, too slow for {k} inputs "
+                           f"(limit {EXACT_MAX_INPUTS}); use --reconstruct obs or block")
+
+
 def exact_refit(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, percdamp: float = 0.01,
                 budget_bytes: int = 2**30) -> torch.Tensor:
     """The kept weights of ``weight`` (rows, K) re-fitted by least squares for the fixed ``mask`` (True = kept).
@@ -56,11 +65,7 @@ def exact_refit(weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor,
     systems, in float64, ``budget_bytes`` at a time.
     """
     rows, k = weight.shape
-    if k > EXACT_MAX_INPUTS:
-        from .errors import MaskproError
-
-        raise MaskproError(f"exact re-fit solves a {k // 2}-wide system per row, too slow for {k} inputs (limit "
-                           f"{EXACT_MAX_INPUTS}); use --reconstruct obs or block")
+    check_exact_inputs(k)
     u, dead = inverse_hessian_factor(hessian.float(), percdamp)
     hinv = (u.T @ u).double()
     w = weight.detach().double().clone()

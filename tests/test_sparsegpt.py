@@ -65,3 +65,26 @@ def test_exact_refit_is_the_least_squares_fit_of_the_mask_and_beats_the_sequenti
                     .index_fill_(0, torch.tensor([0]), True))
     with pytest.raises(MaskproError, match="use --reconstruct obs or block"):
         exact_refit(torch.zeros(2, 8192), torch.eye(8192), torch.ones(2, 8192, dtype=torch.bool))
+
+
+def test_cli_refits_exactly_and_refuses_wide_layers_before_any_work(tiny_model_dir, data_root, tmp_path,
+                                                                    monkeypatch, capsys):
+    import json
+
+    from maskpro.cli import main
+
+    argv = ["prune", "--model", str(tiny_model_dir), "--method", "wanda", "--reconstruct", "exact",
+            "--calib-samples", "4", "--calib-seq-len", "64", "--data-dir", str(data_root), "-q"]
+    out = tmp_path / "wanda-exact"
+    assert main([*argv, "--out", str(out)]) == 0
+    meta = json.loads((out / "maskpro.json").read_text())
+    assert meta["method"] == "wanda+exact" and meta["reconstructed"]["method"] == "least-squares"
+    assert main(["check", "--model", str(out)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("maskpro.sparsegpt.EXACT_MAX_INPUTS", 16)   # every tiny layer is now "too wide"
+    monkeypatch.setattr("maskpro.pipeline.data.calibration_windows",
+                        lambda *a, **k: pytest.fail("calibration read before the width check"))
+    assert main([*argv, "--out", str(tmp_path / "wide")]) != 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]   # progress bars aside
+    assert len(err) == 1 and "model.layers.0." in err[0] and "use --reconstruct obs or block" in err[0]
+    assert not (tmp_path / "wide").exists()
