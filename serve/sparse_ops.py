@@ -164,7 +164,7 @@ def plan(layer: Weight24, buckets, iters: int = 15) -> dict:
             lambda: torch.mm(x, expand_into(scratch, layer.tiles, layer.positions).t()))}
         if prefill:
             options.update({("gemm", c): us for c, us in gemms(x, sparse_gemm.GEMM_CANDIDATES).items()})
-        elif t >= MEDIUM_TOKENS:  # medium batches: row blocks that share their staged inputs, K split
+        elif MEDIUM_TOKENS <= t <= sparse_mma.MAX_TOKENS:  # medium batches: rows share staged inputs, K split
             sms = torch.cuda.get_device_properties(x.device).multi_processor_count
             options.update({("gemm", c): us for c, us in gemms(x, sparse_gemm.medium_candidates(n, k, t, sms)).items()})
         if t <= sparse_mma.MAX_TOKENS and not prefill:
