@@ -90,8 +90,8 @@ def probe_layer(w: torch.Tensor, h: torch.Tensor, rows: list[int], sweeps: int) 
     def refit(r: int, keep: torch.Tensor) -> torch.Tensor:
         return exact_refit(w[r:r + 1], h, keep.unsqueeze(0), DAMP)[0].double()
 
-    def rel(row: torch.Tensor, refit: torch.Tensor) -> float:  # under the damped H every method solves for
-        d = row - refit
+    def rel(row: torch.Tensor, fitted: torch.Tensor) -> float:  # under the damped H every method solves for
+        d = row - fitted
         return float(d @ damped @ d) / float(row @ damped @ row)
 
     out: dict[str, list[float]] = {k: [] for k in ("sparsegpt_seq", "sparsegpt_exact", "greedy_exact",
