@@ -88,9 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm-results", default=None, metavar="JSON",
                    help="with --runtime fast, vLLM dense figures that `python -m maskpro.bench.vllm_dense` wrote "
                         "earlier in the same call sequence, instead of running vLLM now")
-    p.add_argument("--expand-ahead", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--expand-ahead", action=argparse.BooleanOptionalAction, default=True,
                    help="with --runtime fast, expand each block's 2:4 layers for prefill one block ahead on a side "
-                        "stream (default off: in line, before each product)")
+                        "stream (default; --no-expand-ahead: in line, before each product)")
     p.add_argument("--tag", default=None, help="results name generate-<tag>.json (default: the device)")
     add_output_args(p, "generate-<tag>.json")
 

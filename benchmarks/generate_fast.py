@@ -119,7 +119,7 @@ def _phase(a: argparse.Namespace, sparse: bool, points: list[tuple[int, int]], b
     with torch.no_grad():  # the dense masked model's logits, which the converted model must reproduce
         reference = hf(probe).logits[0, -1].float()
     t0 = time.perf_counter()
-    fast = FastLM.from_hf(hf, capacity, sparse=sparse, expand_ahead=getattr(a, "expand_ahead", False))
+    fast = FastLM.from_hf(hf, capacity, sparse=sparse, expand_ahead=getattr(a, "expand_ahead", True))
     del hf
     gc.collect()
     torch.cuda.empty_cache()

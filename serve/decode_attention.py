@@ -5,7 +5,9 @@ is bound by how many multiprocessors stream it at once. One program per (row, he
 kernels launch for a query of one token, keeps one program per head busy at batch 1, far fewer than a GPU
 has multiprocessors. Here the positions
 are split into chunks as well (flash-decoding): each program reads one chunk of one row's keys and values for
-all query heads that share them (grouped-query attention), and a small reduction merges the chunks.
+all query heads that share them (grouped-query attention), and a small reduction merges the chunks (one kernel;
+none where a row is one chunk). The kernel rotates the query itself (rotary position embedding), so the step
+launches no kernel for it, and it asks for a chunk's values together with its keys, so the two reads overlap.
 
 The valid length of each row comes from a device tensor, so one CUDA graph serves every length up to the
 cache's capacity: chunks past a row's length read nothing.
@@ -16,6 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .rotary import rotate
 
 try:
     import triton
@@ -48,15 +52,16 @@ def splits_for(rows: int, kv_heads: int, capacity: int, sms: int) -> int:
 
 if triton is not None:
     @triton.jit
-    def _chunk_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, ml_ptr, scale, KVH, stride_qb, stride_qh,
-                      stride_kb, stride_kh, stride_kc, SPLITS, CHUNK: tl.constexpr,
-                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                      PREC: tl.constexpr):
+    def _chunk_kernel(q_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, len_ptr, o_ptr, ml_ptr, out_ptr, scale, KVH,
+                      stride_qb, stride_qh, stride_cb, stride_kb, stride_kh, stride_kc, SPLITS,
+                      CHUNK: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                      PREC: tl.constexpr, ROPE: tl.constexpr, DIRECT: tl.constexpr):
         """Partial attention of one chunk of one row's positions for the G query heads of one KV head.
 
-        Writes the unnormalised output [G, D] and (running max, sum of exponentials) per head to
-        ``o_ptr`` [B, KVH, SPLITS, G, D] and ``ml_ptr`` [B, KVH, SPLITS, G, 2] (fp32): the real heads only, not
-        the rows ``tl.dot`` was padded with.
+        With ``ROPE`` the query is rotated first by row ``b``'s ``cos``/``sin`` [B, D]. Writes the unnormalised
+        output [G, D] and (running max, sum of exponentials) per head to ``o_ptr`` [B, KVH, SPLITS, G, D] and
+        ``ml_ptr`` [B, KVH, SPLITS, G, 2] (fp32), or with ``DIRECT`` (one chunk per row) the normalised output to
+        ``out_ptr`` [B, H, D]: the real heads only, not the rows ``tl.dot`` was padded with.
         """
         pid = tl.program_id(0)
         s = tl.program_id(1)
@@ -65,8 +70,15 @@ if triton is not None:
         length = tl.load(len_ptr + b)
         gi = tl.arange(0, GP)
         dd = tl.arange(0, D)
-        q = tl.load(q_ptr + b * stride_qb + (kvh * G + gi)[:, None] * stride_qh + dd[None, :],
-                    mask=(gi < G)[:, None], other=0.0)
+        real = gi < G
+        q_rows = q_ptr + b * stride_qb + (kvh * G + gi)[:, None] * stride_qh
+        q = tl.load(q_rows + dd[None, :], mask=real[:, None], other=0.0)
+        if ROPE:  # q * cos + rotate_half(q) * sin, rotate_half(q)[d] = -q[d + D/2] (d < D/2), q[d - D/2] after
+            half = tl.load(q_rows + ((dd + D // 2) % D)[None, :], mask=real[:, None], other=0.0).to(tl.float32)
+            half = tl.where((dd < D // 2)[None, :], -half, half)
+            cos = tl.load(cos_ptr + b * stride_cb + dd).to(tl.float32)
+            sin = tl.load(sin_ptr + b * stride_cb + dd).to(tl.float32)
+            q = (q.to(tl.float32) * cos[None, :] + half * sin[None, :]).to(q_ptr.dtype.element_ty)
         m = tl.full((GP,), float("-inf"), tl.float32)
         l = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
@@ -79,62 +91,90 @@ if triton is not None:
                 ok = cols < stop
                 offs = base + cols[:, None] * stride_kc + dd[None, :]
                 k = tl.load(k_ptr + offs, mask=ok[:, None], other=0.0)
+                v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)   # asked for now: in flight with k
                 scores = (tl.dot(q, tl.trans(k), input_precision=PREC) * scale).to(tl.float32)  # [GP, BLOCK]
                 scores = tl.where(ok[None, :], scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, 1))
                 alpha = tl.exp(m - m_new)
                 p = tl.exp(scores - m_new[:, None])
                 l = l * alpha + tl.sum(p, 1)
-                v = tl.load(v_ptr + offs, mask=ok[:, None], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
                 m = m_new
-        part = (pid * SPLITS + s) * G
-        real = gi < G
-        tl.store(o_ptr + (part + gi)[:, None] * D + dd[None, :], acc, mask=real[:, None])
-        tl.store(ml_ptr + (part + gi) * 2, m, mask=real)
-        tl.store(ml_ptr + (part + gi) * 2 + 1, l, mask=real)
+        if DIRECT:
+            out = acc / l[:, None]
+            tl.store(out_ptr + (b * KVH * G + kvh * G + gi)[:, None] * D + dd[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+        else:
+            part = (pid * SPLITS + s) * G
+            tl.store(o_ptr + (part + gi)[:, None] * D + dd[None, :], acc, mask=real[:, None])
+            tl.store(ml_ptr + (part + gi) * 2, m, mask=real)
+            tl.store(ml_ptr + (part + gi) * 2 + 1, l, mask=real)
 
-
-def _merge(o: torch.Tensor, ml: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """Combine the chunks' partial results: [B, KVH, S, G, D] and [B, KVH, S, G, 2] -> [B, H, D]."""
-    m, l = ml[..., 0], ml[..., 1]
-    top = m.amax(dim=2, keepdim=True)
-    w = torch.exp(m - top).nan_to_num(0.0)                   # empty chunks (max -inf) weigh nothing
-    out = (o * w[..., None]).sum(2) / (l * w).sum(2)[..., None]
-    return out.reshape(o.shape[0], heads, o.shape[-1]).to(dtype)
+    @triton.jit
+    def _merge_kernel(o_ptr, ml_ptr, out_ptr, SPLITS, G: tl.constexpr, SP: tl.constexpr, D: tl.constexpr):
+        """One query head's output from its chunks' partial results (``_chunk_kernel``'s layout): each chunk
+        weighed by exp(its max - the largest max); chunks past the row's length (max -inf) weigh nothing."""
+        pid = tl.program_id(0)          # b * H + kvh * G + g
+        g = pid % G
+        s = tl.arange(0, SP)
+        ok = s < SPLITS
+        part = ((pid // G) * SPLITS + s) * G + g
+        m = tl.load(ml_ptr + part * 2, mask=ok, other=float("-inf"))
+        l = tl.load(ml_ptr + part * 2 + 1, mask=ok, other=0.0)
+        w = tl.where(m > float("-inf"), tl.exp(m - tl.max(m, 0)), 0.0)
+        dd = tl.arange(0, D)
+        o = tl.load(o_ptr + part[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(o * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(out_ptr + pid * D + dd, out.to(out_ptr.dtype.element_ty))
 
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, scale: float,
-            splits: int, wrap=lambda kernel: kernel) -> torch.Tensor:
+            splits: int, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+            wrap=lambda kernel: kernel) -> torch.Tensor:
     b, h, d = q.shape
     kvh, capacity = k_cache.shape[1], k_cache.shape[2]
     group = h // kvh
     gp = max(16, triton.next_power_of_2(group))  # tl.dot wants 16 rows at least; spare rows are masked
     chunk = triton.cdiv(triton.cdiv(capacity, splits), BLOCK_N) * BLOCK_N
-    o = torch.empty((b, kvh, splits, group, d), dtype=torch.float32, device=q.device)
-    ml = torch.empty((b, kvh, splits, group, 2), dtype=torch.float32, device=q.device)
+    splits = triton.cdiv(capacity, chunk)        # chunks that hold a position (fewer where chunks round up)
+    rope = cos is not None
+    if rope:
+        cos, sin = cos.reshape(b, d), sin.reshape(b, d)
+    direct = splits == 1
+    out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
+    o = torch.empty((b, kvh, splits, group, d) if not direct else (1,), dtype=torch.float32, device=q.device)
+    ml = torch.empty((b, kvh, splits, group, 2) if not direct else (1,), dtype=torch.float32, device=q.device)
     wrap(_chunk_kernel)[(b * kvh, splits)](
-        q, k_cache, v_cache, lengths, o, ml, scale, kvh, q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), splits, CHUNK=chunk,
-        G=group, GP=gp, D=d, BLOCK=BLOCK_N, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
-    return _merge(o, ml, h, q.dtype)
+        q, cos if rope else q, sin if rope else q, k_cache, v_cache, lengths, o, ml, out, scale, kvh, q.stride(0),
+        q.stride(1), cos.stride(0) if rope else 0, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), splits,
+        CHUNK=chunk, G=group, GP=gp, D=d, BLOCK=BLOCK_N, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        ROPE=rope, DIRECT=direct, num_warps=4)
+    if not direct:
+        wrap(_merge_kernel)[(b * h,)](o, ml, out, splits, G=group, SP=triton.next_power_of_2(splits), D=d,
+                                      num_warps=4)
+    return out
 
 
 if triton is not None and hasattr(torch.library, "triton_op"):
     @torch.library.triton_op("maskpro::decode_attention", mutates_args=())
     def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                             scale: float, splits: int) -> torch.Tensor:
-        # torch.compile traces into this body: the kernel is launched from the compiled graph, no graph break
-        return _launch(q, k_cache, v_cache, lengths, scale, splits, wrap=torch.library.wrap_triton)
+                             scale: float, splits: int, cos: torch.Tensor | None = None,
+                             sin: torch.Tensor | None = None) -> torch.Tensor:
+        # torch.compile traces into this body: the kernels are launched from the compiled graph, no graph break
+        return _launch(q, k_cache, v_cache, lengths, scale, splits, cos, sin, wrap=torch.library.wrap_triton)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     splits: int, scale: float | None = None) -> torch.Tensor:
-    """Attention of one query token per row (``q`` [B, H, D]) over the first B slots of the cache
-    ([S, KVH, C, D], head_dim contiguous), row ``b`` seeing keys ``0 .. lengths[b]-1`` (a device tensor), the
-    positions of a row split into ``splits`` chunks (:func:`splits_for`). The Triton kernel on CUDA, the
-    reference elsewhere."""
+                     splits: int, scale: float | None = None, cos: torch.Tensor | None = None,
+                     sin: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query token per row (``q`` [B, H, D], head_dim contiguous) over the first B slots of
+    the cache ([S, KVH, C, D], head_dim contiguous), row ``b`` seeing keys ``0 .. lengths[b]-1`` (a device
+    tensor), the positions of a row split into ``splits`` chunks (:func:`splits_for`). With ``cos``/``sin``
+    (each row's, [B, 1, D] or [B, D]) the query is rotated first (:func:`~maskpro.serve.rotary.rotate`). The
+    Triton kernels on CUDA, the reference elsewhere."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.device.type != "cuda" or triton is None:
+        if cos is not None:
+            q = rotate(q, cos.reshape(q.shape[0], 1, -1), sin.reshape(q.shape[0], 1, -1))
         return reference(q, k_cache, v_cache, lengths, scale)
-    return torch.ops.maskpro.decode_attention(q, k_cache, v_cache, lengths, scale, splits)
+    return torch.ops.maskpro.decode_attention(q, k_cache, v_cache, lengths, scale, splits, cos, sin)

@@ -27,6 +27,7 @@ from maskpro.errors import MaskproError
 
 from .decode_attention import decode_attention, splits_for
 from .expand_ahead import ExpandAhead
+from .rotary import rotate
 from .sparse_mma import MAX_TOKENS
 
 log = logging.getLogger(__name__)
@@ -80,13 +81,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding as transformers applies it (halves rotated), ``cos``/``sin`` broadcast over heads."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 def block_decode(x: torch.Tensor, h: torch.Tensor, w: dict, next_norm: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  arch: Arch, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,11 +89,12 @@ def block_decode(x: torch.Tensor, h: torch.Tensor, w: dict, next_norm: torch.Ten
     b = x.shape[0]
     q_size, kv_size = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     q, k, v = linear(h, w["qkv"]).split((q_size, kv_size, kv_size), dim=-1)
-    q = rotate(q.view(b, arch.heads, arch.head_dim), cos, sin)
     k = rotate(k.view(b, arch.kv_heads, arch.head_dim), cos, sin)
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v.view(b, arch.kv_heads, arch.head_dim)
-    attn = decode_attention(q, k_cache, v_cache, pos + 1, splits)
+    # the query is rotated inside the attention kernel (one kernel less per block)
+    attn = decode_attention(q.view(b, arch.heads, arch.head_dim), k_cache, v_cache, pos + 1, splits, cos=cos,
+                            sin=sin)
     x = x + linear(attn.reshape(b, q_size), w["o"])
     h2 = rms_norm(x, w["mlp_norm"], arch.eps)
     gate, up = linear(h2, w["gate_up"]).chunk(2, dim=-1)
@@ -157,14 +152,15 @@ class FastLM(nn.Module):
         self.fallbacks: dict[str, str] = {}
         self.layers24: list[dict[str, nn.Module]] = [{} for _ in blocks]
         self.configured: int | None = None   # the token count the 2:4 specs are set for (configure)
-        self.expand_ahead = None  # an ExpandAhead where from_hf was asked for one (2:4 layers on a GPU)
+        self.expand_ahead = None  # an ExpandAhead where from_hf made one (2:4 layers on a GPU)
 
     @classmethod
-    def from_hf(cls, model: nn.Module, capacity: int, sparse: bool = True, expand_ahead: bool = False) -> FastLM:
+    def from_hf(cls, model: nn.Module, capacity: int, sparse: bool = True, expand_ahead: bool = True) -> FastLM:
         """Take a loaded transformers Llama-family model's weights. With ``sparse``, every q/k/v, o, gate/up and
         down product whose weight is 2:4 keeps only its compressed form (paths planned by :meth:`plan`); the
         dense weights are released as each layer is converted. ``expand_ahead`` (GPU) expands prefill's 2:4
-        layers one block ahead on a side stream (:mod:`maskpro.serve.expand_ahead`; off until timed on a GPU)."""
+        layers one block ahead on a side stream (:mod:`maskpro.serve.expand_ahead`; two blocks' dense bytes of
+        buffers), instead of in line before each product."""
         from .sparse_ops import Weight24
 
         arch = Arch.of(model.config)

@@ -117,11 +117,11 @@ def test_the_op_passes_opcheck_on_cpu():
 
 INTERPRETED = r"""
 import json, torch
-from maskpro.serve import decode_attention as da, sparse_ops, sparse_mma
+from maskpro.serve import decode_attention as da, rotary, sparse_ops, sparse_mma
 from maskpro.serve.sparse24 import compress_24
 from maskpro.nm import NM, topn_mask
 torch.manual_seed(0)
-out = {"expand": [], "attention": []}
+out = {"expand": [], "attention": [], "rotated": []}
 for n, k in [(16, 128), (48, 256), (32, 384)]:
     for dt in (torch.float16, torch.bfloat16):
         w = torch.randn(n, k); w = (w * topn_mask(w.abs(), NM(2, 4))).to(dt)
@@ -140,6 +140,15 @@ for b, h, kvh, d, cap, lens, splits in [(3, 4, 2, 32, 80, [1, 37, 80], 3), (2, 8
     ref = da.reference(q.float(), kc.float(), vc.float(), lengths, d ** -0.5)
     got = da._launch(q, kc, vc, lengths, d ** -0.5, splits)
     out["attention"].append(float((got.float() - ref).abs().max() / ref.abs().max()))
+    # the query rotated inside the kernel, each row at its own position (cos/sin as the decoder passes them),
+    # read from a strided view as the decoder's q is (a slice of the fused q/k/v product)
+    q = torch.cat([q.reshape(b, -1), torch.randn(b, 2 * d).half()], 1)[:, :h * d].view(b, h, d)
+    angle = torch.rand(b, 1, d) * 6.3
+    cos, sin = angle.cos().half(), angle.sin().half()
+    ref = da.reference(rotary.rotate(q.float(), cos.float(), sin.float()), kc.float(), vc.float(), lengths,
+                       d ** -0.5)
+    got = da._launch(q, kc, vc, lengths, d ** -0.5, splits, cos, sin)
+    out["rotated"].append(float((got.float() - ref).abs().max() / ref.abs().max()))
 print(json.dumps(out))
 """
 
@@ -152,6 +161,7 @@ def test_expand_and_attention_kernels_in_the_interpreter():
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["expand"] == [True] * 6          # bit-exact: the same values, put back in place
     assert len(out["attention"]) == 3 and max(out["attention"]) < 5e-3, out["attention"]
+    assert len(out["rotated"]) == 3 and max(out["rotated"]) < 5e-3, out["rotated"]
 
 
 # ------------------------------------------------------------------------------------------------- GPU
@@ -213,7 +223,7 @@ def test_gpu_gemm_kernel_matches_dense_in_every_config(tokens):
 
 @pytest.mark.gpu
 def test_gpu_attention_kernel_matches_reference():
-    from maskpro.serve import decode_attention as da
+    from maskpro.serve import decode_attention as da, rotary
 
     for b, h, kvh, cap, lens in [(1, 32, 32, 640, [600]), (4, 32, 8, 2048, [1, 700, 2048, 33])]:
         q = torch.randn(b, h, 128, device="cuda", dtype=torch.half)
@@ -221,9 +231,16 @@ def test_gpu_attention_kernel_matches_reference():
         vc = torch.randn_like(kc)
         lengths = torch.tensor(lens, device="cuda")
         splits = da.splits_for(b, kvh, cap, torch.cuda.get_device_properties(0).multi_processor_count)
-        got = da.decode_attention(q, kc, vc, lengths, splits)
-        ref = da.reference(q, kc, vc, lengths, 128 ** -0.5)
-        assert (got.float() - ref.float()).abs().max() < 2e-3
+        angle = torch.rand(b, 1, 128, device="cuda") * 6.3
+        cos, sin = angle.cos().half(), angle.sin().half()
+        rotated = rotary.rotate(q.float(), cos.float(), sin.float())
+        for chunks in (splits, 1):    # merged by the merge kernel; one chunk, normalised in place
+            got = da.decode_attention(q, kc, vc, lengths, chunks)
+            ref = da.reference(q, kc, vc, lengths, 128 ** -0.5)
+            assert (got.float() - ref.float()).abs().max() < 2e-3, chunks
+            got = da.decode_attention(q, kc, vc, lengths, chunks, cos=cos, sin=sin)
+            ref = da.reference(rotated, kc, vc, lengths, 128 ** -0.5)
+            assert (got.float() - ref.float()).abs().max() < 2e-3, f"rotated, {chunks} chunks"
 
 
 @pytest.mark.gpu
@@ -231,8 +248,8 @@ def test_gpu_prefill_expanding_one_block_ahead_matches_in_place_eagerly_and_in_a
     """Three blocks, so a buffer set is refilled while the other is read; 4 x 40 tokens, past the decode
     kernels' range. The side stream's expansions must be ordered before their readers, in a graph too."""
     ref = _tiny("llama", torch.float16, hidden=256, inter=512, device="cuda", layers=3)
-    assert FastLM.from_hf(copy.deepcopy(ref), capacity=64, sparse=True).expand_ahead is None  # opt-in
-    fast = FastLM.from_hf(copy.deepcopy(ref), capacity=64, sparse=True, expand_ahead=True)
+    assert FastLM.from_hf(copy.deepcopy(ref), capacity=64, sparse=True, expand_ahead=False).expand_ahead is None
+    fast = FastLM.from_hf(copy.deepcopy(ref), capacity=64, sparse=True)   # the default
     assert fast.expand_ahead is not None and fast.expand_ahead.nbytes() > 0
     ids = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(3)).cuda()
     last, slots = torch.full((4,), 39, device="cuda"), torch.arange(4, device="cuda")
