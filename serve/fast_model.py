@@ -2,11 +2,12 @@
 
 Why not the transformers model: a decode step there is hundreds of small kernels (norms, rotary, residuals,
 cache updates) around the linears, and its attention reads the cache at whatever width the mask has. Here a
-decoder block is one small function over plain tensors (gpt-fast's shape): ``torch.compile`` fuses everything
-between the linears (the residual add with the next norm, rotary with the cache write, SiLU with the product),
-the 2:4 linears are the ``maskpro::sp24_mm`` custom op (:mod:`maskpro.serve.sparse_ops`), attention is the
-split-position decode kernel over the slot cache (:mod:`maskpro.serve.decode_attention`), and one CUDA graph
-replays a whole step (:mod:`maskpro.serve.fast_decoder`). Every block has the same shapes, so one compiled
+decoder block is one small function over plain tensors (gpt-fast's shape): ``torch.compile`` fuses what lies
+between the linears (the key's rotary with the cache write, SiLU with the product), the 2:4 linears are the
+``maskpro::sp24_mm`` custom op (:mod:`maskpro.serve.sparse_ops`), attention is the split-position decode kernel
+over the slot cache, which rotates the query itself (:mod:`maskpro.serve.decode_attention`), each residual add
+and the norm after it are one kernel (:mod:`maskpro.serve.rmsnorm`), and one CUDA graph replays a whole step
+(:mod:`maskpro.serve.fast_decoder`). Every block has the same shapes, so one compiled
 function serves all of them.
 
 The weights are taken from a loaded transformers model (its rotary frequencies too, so every rope scaling it
@@ -27,6 +28,7 @@ from maskpro.errors import MaskproError
 
 from .decode_attention import decode_attention, splits_for
 from .expand_ahead import ExpandAhead
+from .rmsnorm import add_rms_norm, rms_norm
 from .rotary import rotate
 from .sparse_mma import MAX_TOKENS
 
@@ -76,11 +78,6 @@ def linear(x: torch.Tensor, spec: tuple) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
 def block_decode(x: torch.Tensor, h: torch.Tensor, w: dict, next_norm: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  arch: Arch, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,11 +92,10 @@ def block_decode(x: torch.Tensor, h: torch.Tensor, w: dict, next_norm: torch.Ten
     # the query is rotated inside the attention kernel (one kernel less per block)
     attn = decode_attention(q.view(b, arch.heads, arch.head_dim), k_cache, v_cache, pos + 1, splits, cos=cos,
                             sin=sin)
-    x = x + linear(attn.reshape(b, q_size), w["o"])
-    h2 = rms_norm(x, w["mlp_norm"], arch.eps)
+    # each residual add and the norm after it: one kernel of a whole row per program (serve/rmsnorm.py)
+    x, h2 = add_rms_norm(x, linear(attn.reshape(b, q_size), w["o"]), w["mlp_norm"], arch.eps)
     gate, up = linear(h2, w["gate_up"]).chunk(2, dim=-1)
-    x = x + linear(F.silu(gate) * up, w["down"])
-    return x, rms_norm(x, next_norm, arch.eps)
+    return add_rms_norm(x, linear(F.silu(gate) * up, w["down"]), next_norm, arch.eps)
 
 
 def block_prefill(x: torch.Tensor, w: dict, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

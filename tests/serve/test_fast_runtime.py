@@ -117,7 +117,7 @@ def test_the_op_passes_opcheck_on_cpu():
 
 INTERPRETED = r"""
 import json, torch
-from maskpro.serve import decode_attention as da, rotary, sparse_ops, sparse_mma
+from maskpro.serve import decode_attention as da, rmsnorm, rotary, sparse_ops, sparse_mma
 from maskpro.serve.sparse24 import compress_24
 from maskpro.nm import NM, topn_mask
 torch.manual_seed(0)
@@ -149,6 +149,15 @@ for b, h, kvh, d, cap, lens, splits in [(3, 4, 2, 32, 80, [1, 37, 80], 3), (2, 8
                        d ** -0.5)
     got = da._launch(q, kc, vc, lengths, d ** -0.5, splits, cos, sin)
     out["rotated"].append(float((got.float() - ref).abs().max() / ref.abs().max()))
+# the residual add and RMSNorm of a decode block: a 7B row, SmolLM2's (576, padded to 1024) in bf16, a short one
+out["norm"] = []
+for rows, n, dt in [(1, 4096, torch.float16), (3, 576, torch.bfloat16), (2, 100, torch.float16)]:
+    x, y = torch.randn(rows, n).to(dt), torch.randn(rows, n).to(dt)
+    w = (torch.rand(n) + 0.5).to(dt)
+    s, h = rmsnorm._launch(x, y, w, 1e-5)
+    want_s, want_h = rmsnorm.add_rms_norm_reference(x, y, w, 1e-5)
+    out["norm"].append([float(((s.float() - want_s.float()).abs() / want_s.float().abs().clamp(min=1e-3)).max()),
+                        float((h.float() - want_h.float()).abs().max() / want_h.float().abs().max())])
 print(json.dumps(out))
 """
 
@@ -162,6 +171,9 @@ def test_expand_and_attention_kernels_in_the_interpreter():
     assert out["expand"] == [True] * 6          # bit-exact: the same values, put back in place
     assert len(out["attention"]) == 3 and max(out["attention"]) < 5e-3, out["attention"]
     assert len(out["rotated"]) == 3 and max(out["rotated"]) < 5e-3, out["rotated"]
+    # the sum rounds as the eager add does: fp16 exactly; bf16 within one step (the interpreter truncates bf16)
+    assert out["norm"][0][0] == out["norm"][2][0] == 0 and out["norm"][1][0] <= 2 ** -7, out["norm"]
+    assert out["norm"][0][1] == out["norm"][2][1] == 0 and out["norm"][1][1] < 3e-2, out["norm"]  # the normed row
 
 
 # ------------------------------------------------------------------------------------------------- GPU
@@ -241,6 +253,21 @@ def test_gpu_attention_kernel_matches_reference():
             got = da.decode_attention(q, kc, vc, lengths, chunks, cos=cos, sin=sin)
             ref = da.reference(rotated, kc, vc, lengths, 128 ** -0.5)
             assert (got.float() - ref.float()).abs().max() < 2e-3, f"rotated, {chunks} chunks"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_add_rms_norm_kernel_matches_the_eager_add_and_norm(dtype):
+    from maskpro.serve import rmsnorm
+
+    for rows, n in ((1, 4096), (64, 4096), (3, 576)):
+        x, y = (torch.randn(rows, n, device="cuda").to(dtype) for _ in range(2))
+        w = (torch.rand(n, device="cuda") + 0.5).to(dtype)
+        s, h = rmsnorm.add_rms_norm(x, y, w, 1e-5)
+        want_s, want_h = rmsnorm.add_rms_norm_reference(x, y, w, 1e-5)
+        assert torch.equal(s, want_s), f"{rows}x{n}: the sum is not the eager add's"
+        err = (h.float() - want_h.float()).abs().max() / want_h.float().abs().max()
+        assert err < 1e-2, f"{rows}x{n}: normed row off by {err:.2e}"
 
 
 @pytest.mark.gpu
