@@ -256,8 +256,10 @@ def write_summary(generate_json: Path) -> Path:
     out = Path(generate_json).parent / "vs-vllm-dense.json"
     from maskpro.checkpoint import save_json
 
+    # the code that measured it, where the source names it (a result saved from another checkout's copy)
+    code = {"code": d["code"]} if "code" in d else {}
     save_json({**summary(d["device"], d["vllm_dense"], d["sparse"], d["dense_compiled"]),
-               "source": Path(generate_json).name}, out)
+               "source": Path(generate_json).name, **code}, out)
     return out
 
 
