@@ -1,7 +1,7 @@
 # Issue 16's table (vs-vllm-dense.json) in four back-to-back device calls on one warm machine: calls 1-3 carry
 # .xfer/v/c1, c2, c3 (the vLLM 0.26.0 parts); call 3 also runs vLLM dense (STAGE=vllm, into /tmp, which the
 # warm machine keeps) and call 4 maskpro's dense and 2:4 runtimes against it (STAGE=maskpro), each under one
-# call's ten minutes. POINTS, TAG and EXTRA (more generate options, e.g. --expand-ahead) may be set; the
+# call's ten minutes. POINTS, TAG and EXTRA (more generate options, e.g. --no-expand-ahead) may be set; the
 # JSON lands in $OUT.
 set -o pipefail
 source benchmarks/device/vllm.sh
