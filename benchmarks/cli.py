@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "generate": ("generate", "end-to-end generation, dense vs 2:4: TTFT, time per token, tokens/s, peak memory"),
     "serve": ("serve_load", "load test of an OpenAI-compatible server: requests/s, TTFT and inter-token "
                             "latency p50/p90/p99 per concurrency"),
+    "serve-compare": ("serve_compare", "load tests of the same load side by side: each server's output tokens/s "
+                                       "against a baseline's per concurrency, with bars"),
     "learn": ("learn_speed", "mask-learning cost vs model size: ms/step, peak memory, MaskLLM's memory "
                              "(computed)"),
     "learn-distributed": ("learn_distributed", "data-parallel mask learning: steps/s on 1 vs N processes "
