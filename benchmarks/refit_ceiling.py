@@ -86,24 +86,18 @@ def probe_layer(w: torch.Tensor, h: torch.Tensor, rows: list[int], sweeps: int) 
     u = inverse_hessian_factor(h, DAMP)[0].double()
     hinv = u.T @ u
     sgpt = obs_prune(w, h, NM(2, 4), percdamp=DAMP)
+    sampled, keep = w[rows], sgpt.mask[rows].bool()
+    greedy = torch.stack([greedy_mask(sampled[i].double(), keep[i], hinv, sweeps) for i in range(len(rows))])
+    # every re-fit of the sampled rows at once: rows are independent under one H
+    fitted = {"sparsegpt_seq": sgpt.weight[rows], "sparsegpt_exact": exact_refit(sampled, h, keep, DAMP),
+              "greedy_exact": exact_refit(sampled, h, greedy, DAMP),
+              "greedy_seq": obs_prune(sampled, h, NM(2, 4), mask=greedy, percdamp=DAMP).weight}
 
-    def refit(r: int, keep: torch.Tensor) -> torch.Tensor:
-        return exact_refit(w[r:r + 1], h, keep.unsqueeze(0), DAMP)[0].double()
-
-    def rel(row: torch.Tensor, fitted: torch.Tensor) -> float:  # under the damped H every method solves for
-        d = row - fitted
+    def rel(row: torch.Tensor, fit: torch.Tensor) -> float:  # under the damped H every method solves for
+        d = row - fit
         return float(d @ damped @ d) / float(row @ damped @ row)
 
-    out: dict[str, list[float]] = {k: [] for k in ("sparsegpt_seq", "sparsegpt_exact", "greedy_exact",
-                                                   "greedy_seq")}
-    for r in rows:
-        row, keep = w[r].double(), sgpt.mask[r].bool()
-        greedy = greedy_mask(row, keep, hinv, sweeps)
-        seq = obs_prune(w[r:r + 1], h, NM(2, 4), mask=greedy.unsqueeze(0), percdamp=DAMP).weight[0].double()
-        out["sparsegpt_seq"].append(rel(row, sgpt.weight[r].double()))
-        out["sparsegpt_exact"].append(rel(row, refit(r, keep)))
-        out["greedy_exact"].append(rel(row, refit(r, greedy)))
-        out["greedy_seq"].append(rel(row, seq))
+    out = {k: [rel(sampled[i].double(), fit[i].double()) for i in range(len(rows))] for k, fit in fitted.items()}
     return {k: statistics.mean(v) for k, v in out.items()} | {"per_row": out}
 
 
