@@ -98,9 +98,8 @@ def compare(base: dict, cand: dict, bars: dict[int, float]) -> dict:
 
 
 def _label(run: dict, path: str) -> dict:
-    launched = run.get("launched") or {}
     return {"file": Path(path).name, "url": run.get("url"), "model": run.get("model"),
-            "launched": launched or None, "device": run.get("device")}
+            "launched": run.get("launched") or None, "device": run.get("device")}
 
 
 def run(a: argparse.Namespace) -> Path:
